@@ -1,0 +1,1 @@
+"""WebDataset streaming data pipeline."""
