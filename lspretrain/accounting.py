@@ -1,0 +1,188 @@
+"""Parameter and FLOP accounting for plain and specialized ViTs.
+
+FLOPs are counted two independent ways and cross-checked:
+- fvcore (multiply-adds, via a jit trace), with handles it lacks: scaled-dot-product
+  attention (B·H·N·M·(d + dv)) and ``addcmul`` (one multiply-add per element: the affine of a
+  routed LayerNorm, which fvcore would otherwise count as a norm without affine);
+- torch's FlopCounterMode (FLOPs = 2 × multiply-adds, matmul-class ops only), with the CPU
+  flash-attention kernels it misses mapped in. It also counts the backward pass, which gives
+  the training FLOPs per image.
+
+Nothing here needs the model's memory: the model is built on the meta device. fvcore traces
+each part separately (a jit trace of a conv on meta tensors fails in torch 2.x, so the patch
+embedding is traced on a real copy of itself, which is small even for ViT-g); the sum of the
+parts is the whole forward, and it doubles as the per-block table.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import VisionTransformer, build_backbone, get_spec, is_cls_param, merge_lora
+
+__all__ = ["param_breakdown", "fvcore_forward_macs", "flop_counter_flops", "account", "Accounting"]
+
+_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_SDPA_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# -- parameters -------------------------------------------------------------------------
+def _kind(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.startswith("cls_lora") or leaf == "cls_bias_delta":
+        return "lora"
+    if ".qkv." in name:
+        return "qkv"
+    if leaf == "cls_gamma":
+        return "layerscale"
+    return "norm"
+
+
+def param_breakdown(model: nn.Module) -> dict:
+    """Total/trainable params and the params specialization added, by kind and by block."""
+    total = trainable = 0
+    extra = Counter({"norm": 0, "qkv": 0, "layerscale": 0, "lora": 0})
+    per_block: dict[str, Counter] = {}
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        part = name.split(".")[0] + (f".{name.split('.')[1]}" if name.startswith("blocks.") else "")
+        row = per_block.setdefault(part, Counter())
+        if is_cls_param(name):
+            extra[_kind(name)] += p.numel()
+            row["extra"] += p.numel()
+            row[f"extra_{_kind(name)}"] += p.numel()
+        else:
+            row["shared"] += p.numel()
+    return {"total": total, "trainable": trainable, "extra": dict(extra), "per_part": {k: dict(v) for k, v in per_block.items()}}
+
+
+# -- fvcore ----------------------------------------------------------------------------
+def _sdpa_macs(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    *batch, n, d = q
+    m, dv = k[-2], v[-1]
+    lead = 1
+    for s in batch:
+        lead *= s
+    return lead * n * m * (d + dv)
+
+
+def _addcmul_macs(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    count = 1
+    for s in get_shape(outputs[0]):
+        count *= s
+    return count
+
+
+def _fvcore(module: nn.Module, *inputs: torch.Tensor) -> Counter:
+    from fvcore.nn import FlopCountAnalysis
+
+    fca = FlopCountAnalysis(module, inputs)
+    fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    fca.set_op_handle("aten::addcmul", _addcmul_macs)
+    fca.unsupported_ops_warnings(False)
+    fca.uncalled_modules_warnings(False)
+    # fvcore logs each elementwise op it skips (add, gelu, mul): expected, not news.
+    logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
+    return Counter(fca.by_operator())
+
+
+def fvcore_forward_macs(model: VisionTransformer, img_size: int, batch: int = 1) -> dict:
+    """fvcore multiply-adds of one forward at ``img_size``, per part and per operator."""
+    model = model.eval()
+    c = model.cfg
+    x = torch.randn(batch, c.in_chans, img_size, img_size)
+    stem = copy.deepcopy(model.patch_embed).to_empty(device="cpu") if _on_meta(model) else model.patch_embed
+    parts = {"patch_embed": _fvcore(stem, x)}
+    n_tokens = (img_size // c.patch_size) ** 2 + c.num_prefix_tokens
+    tokens = torch.randn(batch, n_tokens, c.embed_dim, device=_device(model))
+    for i, blk in enumerate(model.blocks):
+        parts[f"blocks.{i}"] = _fvcore(blk, tokens)
+    parts["norm"] = _fvcore(model.norm, tokens)
+    by_op = sum(parts.values(), Counter())
+    return {"total": sum(by_op.values()), "by_operator": dict(by_op), "per_part": {k: sum(v.values()) for k, v in parts.items()}}
+
+
+# -- torch FlopCounterMode ----------------------------------------------------------------
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    *batch, n, d = query.shape
+    m, dv = key.shape[-2], value.shape[-1]
+    lead = 1
+    for s in batch:
+        lead *= s
+    return 2 * lead * n * m * (d + dv)
+
+
+def _sdpa_cpu_bwd_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # dV = Pᵀ·dO and dP = dO·Vᵀ (2·n·m·dv), dQ = dS·K and dK = dSᵀ·Q (2·n·m·d): twice the forward.
+    return 2 * _sdpa_cpu_flops(query, key, value)
+
+
+def flop_counter_flops(model: VisionTransformer, img_size: int, batch: int = 1, backward: bool = False) -> int:
+    """torch FlopCounterMode FLOPs (2 × multiply-adds) of a forward (and backward)."""
+    c = model.cfg
+    x = torch.randn(batch, c.in_chans, img_size, img_size, device=_device(model))
+    mapping = {_SDPA_CPU: _sdpa_cpu_flops, _SDPA_CPU_BWD: _sdpa_cpu_bwd_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        with torch.set_grad_enabled(backward):
+            out = model.forward_features(x)
+            if backward:
+                (out["prenorm"].float().sum() + out["cls_norm"].float().sum()).backward()
+    return counter.get_total_flops()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return _device(model).type == "meta"
+
+
+# -- the report --------------------------------------------------------------------------
+@dataclass
+class Accounting:
+    arch: str
+    spec: str
+    params: dict
+    flops: dict = field(default_factory=dict)  # per resolution
+
+
+def account(arch: str, spec: str = "none", img_sizes: tuple[int, ...] = (224,), **vit_overrides) -> Accounting:
+    """Params and FLOPs of ``arch`` specialized by preset ``spec``, built on the meta device."""
+    get_spec(spec)  # refuse an unknown preset before building anything
+    with torch.device("meta"):
+        model = build_backbone(arch, spec, **vit_overrides)
+    result = Accounting(arch=arch, spec=spec, params=param_breakdown(model))
+    # Inference runs a LoRA model in its merged form (a full CLS matrix): the plain model's FLOPs.
+    inference = merge_lora(copy.deepcopy(model)) if get_spec(spec).lora_rank else model
+    p = model.cfg.patch_size
+    for size in img_sizes:
+        if size % p:
+            raise ValueError(f"img_size={size} is not divisible by the patch size {p} of {arch}")
+        fv = fvcore_forward_macs(inference, size)
+        fwd_flops = flop_counter_flops(inference, size)
+        train_flops = flop_counter_flops(model.train(), size, backward=True)
+        matmul_macs = sum(v for k, v in fv["by_operator"].items() if k in ("linear", "conv", "scaled_dot_product_attention", "matmul", "bmm", "einsum"))
+        result.flops[size] = {
+            "forward_macs_fvcore": fv["total"],
+            "forward_gflops_fvcore": 2 * fv["total"] / 1e9,
+            "forward_flops_flop_counter": fwd_flops,
+            "cross_check_matmul_macs_fvcore": matmul_macs,
+            "cross_check_ok": 2 * matmul_macs == fwd_flops,
+            "train_flops_per_image": train_flops,
+            "by_operator_macs": fv["by_operator"],
+            "per_part_macs": fv["per_part"],
+        }
+    return result
