@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import VisionTransformer, build_backbone, get_spec, is_cls_param, merge_lora
+from .models import VisionTransformer, build_backbone, get_spec, is_cls_param, merge_lora, routed_modules
 
-__all__ = ["param_breakdown", "fvcore_forward_macs", "flop_counter_flops", "account", "Accounting"]
+__all__ = ["param_breakdown", "fvcore_forward_macs", "flop_counter_flops", "account", "Accounting", "report", "format_markdown"]
 
 _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _SDPA_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -116,8 +116,10 @@ def fvcore_forward_macs(model: VisionTransformer, img_size: int, batch: int = 1)
 
 # -- torch FlopCounterMode ----------------------------------------------------------------
 def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    *batch, n, d = query.shape
-    m, dv = key.shape[-2], value.shape[-1]
+    # FlopCounterMode hands formulas the input shapes (tensors when called directly).
+    q, k, v = (getattr(t, "shape", t) for t in (query, key, value))
+    *batch, n, d = q
+    m, dv = k[-2], v[-1]
     lead = 1
     for s in batch:
         lead *= s
@@ -156,6 +158,8 @@ class Accounting:
     arch: str
     spec: str
     params: dict
+    vit_config: dict
+    specialized: dict[int, list[str]]  # block index -> names of its routed layers
     flops: dict = field(default_factory=dict)  # per resolution
 
 
@@ -164,7 +168,12 @@ def account(arch: str, spec: str = "none", img_sizes: tuple[int, ...] = (224,), 
     get_spec(spec)  # refuse an unknown preset before building anything
     with torch.device("meta"):
         model = build_backbone(arch, spec, **vit_overrides)
-    result = Accounting(arch=arch, spec=spec, params=param_breakdown(model))
+    specialized: dict[int, list[str]] = {}
+    for name, _ in routed_modules(model):
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            specialized.setdefault(int(i), []).append(rest)
+    result = Accounting(arch, spec, param_breakdown(model), model.cfg.to_dict(), specialized)
     # Inference runs a LoRA model in its merged form (a full CLS matrix): the plain model's FLOPs.
     inference = merge_lora(copy.deepcopy(model)) if get_spec(spec).lora_rank else model
     p = model.cfg.patch_size
@@ -186,3 +195,87 @@ def account(arch: str, spec: str = "none", img_sizes: tuple[int, ...] = (224,), 
             "per_part_macs": fv["per_part"],
         }
     return result
+
+
+def report(arch: str, spec: str = "none", img_sizes: tuple[int, ...] = (224,), compare: str | None = None, **vit_overrides) -> dict:
+    """The accounting report as a JSON-able dict (keys documented in README.md)."""
+    main = account(arch, spec, img_sizes, **vit_overrides)
+    plain_total = main.params["total"] - sum(main.params["extra"].values())
+    blocks = []
+    for i in range(main.vit_config["depth"]):
+        row = main.params["per_part"].get(f"blocks.{i}", {})
+        blocks.append({
+            "block": i,
+            "shared_params": row.get("shared", 0),
+            "extra_params": row.get("extra", 0),
+            "specialized": sorted(main.specialized.get(i, [])),
+            "forward_macs": {str(s): f["per_part_macs"][f"blocks.{i}"] for s, f in main.flops.items()},
+        })
+    out = {
+        "arch": arch,
+        "spec": spec,
+        "spec_config": get_spec(spec).to_dict(),
+        "vit_config": main.vit_config,
+        "params": {
+            "total": main.params["total"],
+            "trainable": main.params["trainable"],
+            "plain_total": plain_total,
+            "extra_total": main.params["total"] - plain_total,
+            "extra_pct": 100.0 * (main.params["total"] - plain_total) / plain_total,
+            "extra": main.params["extra"],
+        },
+        "resolutions": {
+            str(s): {
+                "forward_macs": f["forward_macs_fvcore"],
+                "forward_gflops": f["forward_gflops_fvcore"],
+                "flop_counter_forward_flops": f["forward_flops_flop_counter"],
+                "cross_check_ok": f["cross_check_ok"],
+                "train_flops": f["train_flops_per_image"],
+                "train_gflops": f["train_flops_per_image"] / 1e9,
+                "by_operator_macs": f["by_operator_macs"],
+            }
+            for s, f in main.flops.items()
+        },
+        "blocks": blocks,
+    }
+    if compare is not None:
+        other = report(arch, compare, img_sizes, **vit_overrides)
+        out["compare"] = {"spec": compare, "params": other["params"], "resolutions": other["resolutions"]}
+        out["delta"] = {
+            "params": out["params"]["total"] - other["params"]["total"],
+            "forward_macs": {s: out["resolutions"][s]["forward_macs"] - other["resolutions"][s]["forward_macs"] for s in out["resolutions"]},
+        }
+    return out
+
+
+def format_markdown(rep: dict) -> str:
+    """A human-readable rendering of ``report``'s dict."""
+    p = rep["params"]
+    lines = [f"# {rep['arch']} — specialization `{rep['spec']}`", ""]
+    cols = ["", rep["spec"]] + ([rep["compare"]["spec"]] if "compare" in rep else [])
+    others = [rep["compare"]] if "compare" in rep else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def row(label, fn):
+        lines.append("| " + " | ".join([label, fn(rep)] + [fn(o) for o in others]) + " |")
+
+    row("params (total)", lambda r: f"{r['params']['total']:,}")
+    row("params (trainable)", lambda r: f"{r['params']['trainable']:,}")
+    row("extra vs plain", lambda r: f"{r['params']['extra_total']:,} ({r['params']['extra_pct']:.3f} %)")
+    for kind in ("norm", "qkv", "layerscale", "lora"):
+        row(f"  extra: {kind}", lambda r, k=kind: f"{r['params']['extra'][k]:,}")
+    for s in rep["resolutions"]:
+        row(f"forward GFLOPs @{s} (fvcore, 2×MACs)", lambda r, s=s: f"{r['resolutions'][s]['forward_gflops']:.3f}")
+        row(f"forward MACs @{s}", lambda r, s=s: f"{r['resolutions'][s]['forward_macs']:,}")
+        row(f"matmul FLOPs cross-check @{s}", lambda r, s=s: "ok" if r["resolutions"][s]["cross_check_ok"] else "MISMATCH")
+        row(f"train GFLOPs/image @{s}", lambda r, s=s: f"{r['resolutions'][s]['train_gflops']:.3f}")
+    if "delta" in rep:
+        lines += ["", f"Difference `{rep['spec']}` − `{rep['compare']['spec']}`: {rep['delta']['params']:+,} params; "
+                  + ", ".join(f"{d:+,} forward MACs @{s}" for s, d in rep["delta"]["forward_macs"].items())]
+    sizes = list(rep["resolutions"])
+    lines += ["", "## Per block", "", "| block | shared params | extra params | specialized | " + " | ".join(f"GMACs @{s}" for s in sizes) + " |",
+              "|---|---|---|---|" + "---|" * len(sizes)]
+    for b in rep["blocks"]:
+        macs = " | ".join(f"{b['forward_macs'][s] / 1e9:.3f}" for s in sizes)
+        lines.append(f"| {b['block']} | {b['shared_params']:,} | {b['extra_params']:,} | {', '.join(b['specialized']) or '—'} | {macs} |")
+    return "\n".join(lines) + "\n"
