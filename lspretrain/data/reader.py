@@ -69,9 +69,12 @@ class ShardCursor:
                 self._next = sample["__index__"] + 1
                 found[sample["__index__"]] = sample
         except StopIteration:
-            # Fewer samples than the index promised: the rest are reported missing below.
+            # Fewer samples than the index promised. Python's streaming tarfile treats a tar cut
+            # at a header boundary as a normal end, so this is how truncation usually shows up;
+            # a member cut mid-payload raises instead (below). The rest is reported missing.
             self._failed[shard] = (self._next, "missing_sample")
-            self.stats.bad_shard("short_shard", url, f"ends after {self._next} samples")
+            self.stats.bad_shard("truncated_shard", url, f"ends after {self._next} of "
+                                 f"{self.shards[shard].num_samples} samples")
             self.close()
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             # Truncated or unreadable tar (or a pipe: command that failed): skip the rest of it.
@@ -181,9 +184,9 @@ class SlotDataset(IterableDataset):
         for window in windows:
             raws = self._read(window, cursor)
             for o in range(window.start, len(window.perm)):
-                shard, _ = window.ids[window.perm[o]]
+                shard, index = window.ids[window.perm[o]]
                 _reseed(seed_key + pos)
-                sample = self._prepare(raws[window.perm[o]], self.shards[shard].url, stats)
+                sample = self._prepare(raws[window.perm[o]], self.shards[shard].url, index, stats)
                 pos = window.position(o)
                 if sample is not None:
                     batch.append(sample)
@@ -205,10 +208,10 @@ class SlotDataset(IterableDataset):
         batch[SLOT], batch[POS], batch[STATS] = local, list(pos), stats.take()
         return batch
 
-    def _prepare(self, raw: dict | str, url: str, stats: DataStats) -> dict | None:
+    def _prepare(self, raw: dict | str, url: str, index: int, stats: DataStats) -> dict | None:
         """Decode + transform one raw sample, or count why it is unusable."""
-        if isinstance(raw, str):
-            stats.bad_sample(raw, url, "?")
+        if isinstance(raw, str):  # never read: its key is unknown, name it by position
+            stats.bad_sample(raw, url, f"#{index}")
             return None
         key = raw["__key__"]
         data = find_image(raw)
