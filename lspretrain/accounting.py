@@ -2,8 +2,9 @@
 
 FLOPs are counted two independent ways and cross-checked:
 - fvcore (multiply-adds, via a jit trace), with handles it lacks: scaled-dot-product
-  attention (B·H·N·M·(d + dv)) and ``addcmul`` (one multiply-add per element: the affine of a
-  routed LayerNorm, which fvcore would otherwise count as a norm without affine);
+  attention (B·H·N·M·(d + dv)) and the routed LayerNorm's autograd Function, counted as
+  fvcore counts an affine LayerNorm (5 per element: every token is normalised once and gets
+  one affine, CLS or patch);
 - torch's FlopCounterMode (FLOPs = 2 × multiply-adds, matmul-class ops only), with the CPU
   flash-attention kernels it misses mapped in. It also counts the backward pass, which gives
   the training FLOPs per image.
@@ -76,13 +77,13 @@ def _sdpa_macs(inputs, outputs) -> int:
     return lead * n * m * (d + dv)
 
 
-def _addcmul_macs(inputs, outputs) -> int:
+def _routed_layer_norm_macs(inputs, outputs) -> int:
     from fvcore.nn.jit_handles import get_shape
 
     count = 1
-    for s in get_shape(outputs[0]):
+    for s in get_shape(inputs[0]):
         count *= s
-    return count
+    return 5 * count  # fvcore's norm_flop_counter convention for an affine norm
 
 
 def _fvcore(module: nn.Module, *inputs: torch.Tensor) -> Counter:
@@ -90,7 +91,7 @@ def _fvcore(module: nn.Module, *inputs: torch.Tensor) -> Counter:
 
     fca = FlopCountAnalysis(module, inputs)
     fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    fca.set_op_handle("aten::addcmul", _addcmul_macs)
+    fca.set_op_handle("prim::PythonOp.RoutedLayerNormFunction", _routed_layer_norm_macs)
     fca.unsupported_ops_warnings(False)
     fca.uncalled_modules_warnings(False)
     # fvcore logs each elementwise op it skips (add, gelu, mul): expected, not news.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from lspretrain.accounting import _addcmul_macs, _sdpa_macs, account, fvcore_forward_macs, report
-from lspretrain.models import create_vit
+from lspretrain.accounting import _routed_layer_norm_macs, _sdpa_macs, account, fvcore_forward_macs, report
+from lspretrain.models import create_vit, specialize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,11 @@ def test_vit_small_reference_macs():
 
 def test_part_by_part_count_equals_whole_model_trace():
     torch.manual_seed(0)
-    model = create_vit("vit_tiny_patch16", embed_dim=48, depth=2, num_heads=3, img_size=32, num_registers=1).eval()
+    model = create_vit("vit_tiny_patch16", embed_dim=48, depth=2, num_heads=3, img_size=32, num_registers=1, layerscale_init=0.1)
+    model = specialize(model, "paper").eval()
     x = torch.randn(2, 3, 48, 48)
     whole = FlopCountAnalysis(model, x).set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    whole.set_op_handle("aten::addcmul", _addcmul_macs)
+    whole.set_op_handle("prim::PythonOp.RoutedLayerNormFunction", _routed_layer_norm_macs)
     whole.unsupported_ops_warnings(False)
     logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
     parts = fvcore_forward_macs(model, 48, batch=2)

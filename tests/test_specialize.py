@@ -123,7 +123,9 @@ def test_gradients_reach_cls_params_only_from_cls_rows(make):
             assert torch.count_nonzero(patch_only[name]) == 0, name
             assert torch.count_nonzero(cls_only[name]) > 0, name
         else:
-            assert torch.count_nonzero(cls_only[name]) == 0, name
+            # The routed LayerNorm moves the CLS rows' share out of the shared affine gradient
+            # by a subtraction: zero up to float rounding of the sum.
+            assert cls_only[name].abs().max() <= 1e-5 * patch_only[name].abs().max(), name
             assert torch.count_nonzero(patch_only[name]) > 0, name
 
 
@@ -159,9 +161,8 @@ def test_forward_flops_equal_plain(preset, img_size):
         assert got["total"] == ref["total"]
         for op in ("linear", "conv", "scaled_dot_product_attention"):
             assert got["by_operator"][op] == ref["by_operator"][op], op
-        # A routed norm is a parameter-free layer_norm plus one addcmul (the per-token affine).
-        norm_ops = got["by_operator"]["layer_norm"] + got["by_operator"].get("addcmul", 0)
-        assert norm_ops == ref["by_operator"]["layer_norm"]
+        routed_norms = got["by_operator"].get("PythonOp.RoutedLayerNormFunction", 0)
+        assert got["by_operator"].get("layer_norm", 0) + routed_norms == ref["by_operator"]["layer_norm"]
         assert flop_counter_flops(special, img_size, batch) == flop_counter_flops(plain, img_size, batch)
     # and the backward too (training FLOPs)
     assert flop_counter_flops(special.train(), img_size, 2, backward=True) == flop_counter_flops(plain.train(), img_size, 2, backward=True)

@@ -7,9 +7,10 @@ layer keeps the shared (patch) parameters under their original names (``weight``
 Every token passes through exactly one copy of each layer, so forward FLOPs are those of the
 plain ViT, and a plain checkpoint loads into the shared parameters unchanged.
 
-How each kind routes, chosen by measurement (benchmarks/specialization.py):
-- LayerNorm, LayerScale (per-channel affine): one pass over the whole sequence with a
-  per-token (N, C) table of parameters, built by ``_per_token``; no slicing of activations.
+How each kind routes, chosen by measurement (benchmarks/specialization.py, BENCHMARKS.md):
+- LayerNorm: one fused LayerNorm over the whole sequence with the patch affine, then the CLS
+  rows redone with the CLS affine, in a small autograd Function (``RoutedLayerNormFunction``).
+- LayerScale: one multiply with a per-token (N, C) table of gammas (``_per_token``).
 - Linear (qkv): the CLS rows and the patch rows are two matmuls, concatenated.
 - Linear with a low-rank CLS weight (W_cls = W + B·A): the shared matmul runs on every token,
   the rank-r delta is added to the CLS rows only. ``merge_lora`` turns it into a full CLS
@@ -54,9 +55,38 @@ def _per_token(cls_value: torch.Tensor, patch_value: torch.Tensor, num_cls: int,
     return torch.cat([cls_value.expand(num_cls, -1), patch_value.expand(seq_len - num_cls, -1)])
 
 
+class RoutedLayerNormFunction(torch.autograd.Function):
+    """LayerNorm with patch affine on every row, then the CLS rows recomputed with the CLS affine.
+
+    Measured against split-and-concatenate and per-token affine tables (benchmarks/
+    specialization.py), this is the only form whose forward and backward stay near one fused
+    LayerNorm: the big kernel runs on the contiguous sequence and only the ``num_cls`` rows
+    are redone. The backward is one fused LayerNorm backward plus a CLS-row correction (the
+    CLS rows' share is moved from the shared affine gradients to the CLS ones)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cls_weight, cls_bias, num_cls: int, eps: float):
+        shape = (x.shape[-1],)
+        y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        y[:, :num_cls] = torch.native_layer_norm(x[:, :num_cls], shape, cls_weight, cls_bias, eps)[0]
+        ctx.save_for_backward(x, weight, bias, cls_weight, cls_bias, mean, rstd)
+        ctx.num_cls = num_cls
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, cls_weight, cls_bias, mean, rstd = ctx.saved_tensors
+        n, shape, grad = ctx.num_cls, (x.shape[-1],), grad.contiguous()
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, [True, True, True])
+        rows = [t[:, :n].contiguous() for t in (grad, x, mean, rstd)]
+        dx_cls, dw_cls, db_cls = torch.ops.aten.native_layer_norm_backward(*rows[:2], shape, *rows[2:], cls_weight, cls_bias, [True, True, True])
+        dx[:, :n] = dx_cls
+        return dx, dw - dw_cls, db - db_cls, dw_cls, db_cls, None, None
+
+
 class RoutedLayerNorm(nn.LayerNorm):
-    """LayerNorm whose affine parameters differ for the CLS tokens. Normalisation is shared
-    (it has no parameters); the affine is one fused multiply-add with per-token tables."""
+    """LayerNorm whose affine parameters differ for the CLS tokens (normalisation is shared:
+    it has no parameters)."""
 
     def __init__(self, shared: nn.LayerNorm, num_cls: int):
         super().__init__(shared.normalized_shape, eps=shared.eps, device=shared.weight.device, dtype=shared.weight.dtype)
@@ -66,13 +96,8 @@ class RoutedLayerNorm(nn.LayerNorm):
         self.num_cls = num_cls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-2]
-        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        return torch.addcmul(
-            _per_token(self.cls_bias, self.bias, self.num_cls, n).to(y.dtype),
-            y,
-            _per_token(self.cls_weight, self.weight, self.num_cls, n).to(y.dtype),
-        )
+        params = [p.to(x.dtype) for p in (self.weight, self.bias, self.cls_weight, self.cls_bias)]
+        return RoutedLayerNormFunction.apply(x, *params, self.num_cls, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_cls={self.num_cls}"
