@@ -2,9 +2,10 @@
 
 Per-image random parameters; brightness/contrast/saturation as torchvision, hue as a YIQ
 rotation, grayscale ITU-R 601, solarize at 128/255; the colour ops are fused into one affine
-map per image (see ``color_transform``). Gaussian filtering comes from kornia. They run wherever the tensor lives: in DataLoader
-workers inside the collate functions (default), or on the training device when a collate
-is built with ``photometric_on_device=True`` (the trainer then calls the module itself).
+map per image (see ``color_transform``). Gaussian filtering comes from kornia. They run
+wherever the tensor lives: in DataLoader workers inside the collate functions (default), or on
+the training device when a collate is built with ``photometric=None`` (the trainer then calls
+the transform's ``photometric`` on the uint8 batch itself).
 """
 from __future__ import annotations
 
