@@ -97,7 +97,9 @@ def _sk_worker(rank, port, path):
     logits = torch.randn(12, 10)
     center = SoftmaxCenter(10, momentum=0.5)
     probs = center(logits[rank * 6:(rank + 1) * 6], temp=0.3)
-    out = {"sk": sinkhorn_knopp(logits[rank * 6:(rank + 1) * 6], temp=0.3), "center": center.center, "probs": probs}
+    uneven = logits[:4] if rank == 0 else logits[4:]  # like masked patches: 4 on one rank, 8 on the other
+    out = {"sk": sinkhorn_knopp(logits[rank * 6:(rank + 1) * 6], temp=0.3), "center": center.center, "probs": probs,
+           "sk_uneven": sinkhorn_knopp(uneven, temp=0.3)}
     torch.save(out, f"{path}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -111,5 +113,6 @@ def test_sinkhorn_and_center_all_reduce_over_ranks(tmp_path):
     center(logits, temp=0.3)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(torch.cat([p["sk"] for p in parts]), whole)
+    torch.testing.assert_close(torch.cat([p["sk_uneven"] for p in parts]), whole)
     for p in parts:
         torch.testing.assert_close(p["center"], center.center)

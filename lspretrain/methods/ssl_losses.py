@@ -21,10 +21,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float = 0.1,
               n_global: int = 2) -> torch.Tensor:
     """Cross-entropy of every student crop against every teacher global crop of *another*
@@ -76,9 +72,12 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
     """Teacher targets by Sinkhorn-Knopp over the global batch (all ranks): rows (prototypes)
-    get equal mass, columns (samples) sum to one. Returns (B_local, K) probabilities."""
+    get equal mass, columns (samples) sum to one. Returns (B_local, K) probabilities.
+
+    The global sample count is all-reduced rather than taken as local × world size: for iBOT
+    the samples are masked patches, whose number differs from rank to rank."""
     q = torch.exp(teacher_logits.float() / temp).t()  # (K, B)
-    n_samples = q.shape[1] * _world_size()
+    n_samples = int(_all_reduce(torch.tensor(float(q.shape[1]), device=q.device)).item())
     n_protos = q.shape[0]
     q /= _all_reduce(q.sum())
     for _ in range(n_iterations):
@@ -102,6 +101,7 @@ class SoftmaxCenter(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         probs = F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
         batch_sum = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        mean = batch_sum / (teacher_logits.shape[0] * _world_size())
+        count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+        mean = batch_sum / count
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
         return probs
