@@ -1,0 +1,76 @@
+"""k-NN and linear probe on toy problems with known answers; PCA maps and the grid picture."""
+import torch
+import torch.nn.functional as F
+
+from lspretrain.eval import extract_features, knn_accuracy, knn_predict, linear_probe, pca_grid
+from lspretrain.eval.pca import feature_maps, pca_rgb
+from lspretrain.models import build_backbone
+
+
+def test_knn_votes_by_hand():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 0, 1])
+    test = F.normalize(torch.tensor([[0.6, 0.8]]), dim=-1)
+    scores = knn_predict(train, labels, test, num_classes=2, k=3, temperature=0.5)
+    sims = test @ train.t()
+    expected = torch.tensor([[(sims[0, 0] / 0.5).exp() + (sims[0, 1] / 0.5).exp(), (sims[0, 2] / 0.5).exp()]])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_knn_on_separable_and_noisy_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(4, 16, generator=g), dim=-1) * 5
+    def sample(n, noise):
+        labels = torch.arange(4).repeat_interleave(n)
+        return F.normalize(centers[labels] + noise * torch.randn(4 * n, 16, generator=g), dim=-1), labels
+    xtr, ytr = sample(50, 0.1)
+    xte, yte = sample(25, 0.1)
+    assert knn_accuracy(xtr, ytr, xte, yte) == {"top1": 100.0, "top5": 100.0}
+    # Random labels carry no signal: accuracy near chance (25 %).
+    shuffled = ytr[torch.randperm(len(ytr), generator=g)]
+    assert knn_accuracy(xtr, shuffled, xte, yte)["top1"] < 50.0
+
+
+def test_linear_probe_learns_a_linear_rule():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    res = linear_probe(x[:400], y[:400], x[400:], y[400:], epochs=100)
+    assert res["top1"] > 95.0
+
+
+def test_extract_features_normalised_and_ordered():
+    model = build_backbone("vit_tiny_patch16", "paper", embed_dim=32, depth=2, num_heads=2, img_size=32, layerscale_init=0.1)
+    batches = [{"images": torch.randn(3, 3, 32, 32), "labels": torch.tensor([i, i, i])} for i in range(2)]
+    feats, labels = extract_features(model, batches)
+    assert feats.shape == (6, 32) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(6))
+
+
+def test_pca_removes_a_constant_background():
+    # Foreground patches vary along 3 directions; background patches sit at one point.
+    g = torch.Generator().manual_seed(0)
+    feats = torch.zeros(2, 6, 6, 8)
+    feats[:] = torch.tensor([5.0] + [0.0] * 7)
+    feats[:, 2:4, 2:4] = torch.randn(2, 2, 2, 8, generator=g) - torch.tensor([5.0] + [0.0] * 7)
+    rgb, fg = pca_rgb(feats)
+    assert fg[:, 2:4, 2:4].all() and fg.sum() == 8
+    assert (rgb[~fg] == 0).all() and rgb[fg].max() == 1.0 and rgb[fg].min() == 0.0
+
+
+def test_pca_grid_png(tmp_path):
+    torch.manual_seed(0)
+    kw = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, layerscale_init=0.1)
+    plain = build_backbone("vit_tiny_patch16", "none", patch_size=8, **kw)
+    special = build_backbone("vit_tiny_patch16", "paper", patch_size=8, **kw)
+    images = torch.randn(3, 3, 32, 32)
+    maps = feature_maps(plain, images)
+    assert maps["patches"].shape == (3, 4, 4, 32) and maps["norms"].shape == (3, 4, 4)
+    grid = pca_grid([("plain", plain), ("paper", special)], images, cell=64, label_height=20)
+    path = tmp_path / "grid.png"
+    grid.save(path)
+    from PIL import Image
+
+    img = Image.open(path)
+    assert img.size == (64 * 5, 20 + 64 * 3)  # input + 2 columns per model; a row per image
+    assert len(set(img.crop((64, 20, 128, 84)).getdata())) > 1  # a PCA tile is not flat
