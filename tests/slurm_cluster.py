@@ -113,6 +113,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin",
+            # A requeued job may start once cred_expire has passed; the main scheduling pass
+            # (every 60 s by default) is what notices, so run it often.
+            "SchedulerParameters=sched_interval=2",
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
