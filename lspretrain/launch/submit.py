@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = build_spec(args, load_site_defaults())
         spec.validate()
-        config = resolved_config(spec)
         if not spec.local:
             check_partition(spec.partition)
+        config = resolved_config(spec)
     except (LaunchError, SiteConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
