@@ -70,6 +70,8 @@ class LaunchSpec:
         for key in ("gpus_per_node", "mem_gb", "cpus_per_task", "max_requeues", "signal_lead_s"):
             if getattr(self, key) < 0:
                 raise LaunchError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be >= 0")
+        if self.local and self.nodes != 1:
+            raise LaunchError(f"--local runs on this machine only: --nodes must be 1, not {self.nodes}")
         for item in self.overrides:
             if not re.match(r"^[A-Za-z_][\w.]*=", item):
                 raise LaunchError(f"override {item!r} is not of the form key=value")
