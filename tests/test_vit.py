@@ -143,3 +143,19 @@ def test_constructors_exist_per_size():
 
     m = vit.vit_small_patch14(depth=1)
     assert isinstance(m, VisionTransformer) and m.cfg.patch_size == 14 and m.cfg.layerscale_init == 1e-5
+
+
+def test_resolution_change_192_to_224():
+    """DeiT-III: pretrain at 192 px, fine-tune at 224 px from that checkpoint."""
+    torch.manual_seed(0)
+    kw = dict(embed_dim=32, depth=2, num_heads=2, layerscale_init=1e-4, pos_embed_cls=False)
+    pre = create_vit("vit_tiny_patch16", img_size=192, **kw).eval()
+    fine = create_vit("vit_tiny_patch16", img_size=224, **kw).eval()
+    fine.load_state_dict(pre.state_dict())
+    assert fine.pos_embed.shape == (1, 14 * 14, 32)
+    # At the source resolution nothing is resampled: the stored tensor itself.
+    assert torch.equal(pre.interpolate_pos_embed(12, 12), pre.pos_embed)
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(fine(x), pre(x), rtol=1e-4, atol=1e-4)  # pre resamples on the fly: same op
+    with pytest.raises(ValueError, match="not a square grid"):
+        fine.load_state_dict({**pre.state_dict(), "pos_embed": torch.zeros(1, 143, 32)})

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ViTConfig", "VisionTransformer", "create_vit", "VIT_ARCHS", "Block", "LayerScale"]
+__all__ = ["ViTConfig", "VisionTransformer", "create_vit", "VIT_ARCHS", "Block", "LayerScale", "resample_pos_embed"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,18 @@ class ViTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resample_pos_embed(pos: torch.Tensor, size: tuple[int, int], has_cls: bool) -> torch.Tensor:
+    """A (1, [1+]g*g, C) positional embedding on an ``size`` patch grid (bicubic); unchanged,
+    the very tensor, when the grid already has that size. The CLS slot is never resized."""
+    cls_pos, patch_pos = (pos[:, :1], pos[:, 1:]) if has_cls else (None, pos)
+    g = math.isqrt(patch_pos.shape[1])
+    if (g, g) != tuple(size):
+        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=size, mode="bicubic", align_corners=False)
+        patch_pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1)
+    return patch_pos if cls_pos is None else torch.cat([cls_pos, patch_pos], dim=1)
 
 
 class PatchEmbed(nn.Module):
@@ -211,15 +223,21 @@ class VisionTransformer(nn.Module):
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Positional embedding of the patch grid for an (h, w)-patch input; bicubic when the
         grid differs from the stored one, the stored tensor itself when it does not."""
-        pos = self.pos_embed
-        cls_pos = pos[:, :1] if self.cfg.pos_embed_cls else None
-        patch_pos = pos[:, 1:] if self.cfg.pos_embed_cls else pos
-        g = self.cfg.grid_size
-        if (h, w) != (g, g):
-            grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
-            patch_pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return patch_pos if cls_pos is None else torch.cat([cls_pos, patch_pos], dim=1)
+        return resample_pos_embed(self.pos_embed, (h, w), self.cfg.pos_embed_cls)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also loads a checkpoint made at another resolution: its positional embedding is
+        resampled (bicubic) to this model's grid, e.g. DeiT-III's 192 px pretraining into the
+        224 px fine-tune."""
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            n_patches = pos.shape[1] - (1 if self.cfg.pos_embed_cls else 0)
+            side = math.isqrt(n_patches)
+            if side * side != n_patches:
+                raise ValueError(f"pos_embed of shape {tuple(pos.shape)} is not a square grid (pos_embed_cls={self.cfg.pos_embed_cls})")
+            g = self.cfg.grid_size
+            state_dict = {**state_dict, "pos_embed": resample_pos_embed(pos, (g, g), self.cfg.pos_embed_cls)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Image -> token sequence ``[CLS, registers..., patches...]``.
