@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import submitit
+
 from .job import TrainJob
 from .site import SiteConfigError, SiteDefaults, load_site_defaults
 from .spec import LaunchError, LaunchSpec, check_partition, sbatch_parameters, sbatch_script, submitit_folder
@@ -69,10 +71,8 @@ def resolved_config(spec: LaunchSpec) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def submit(spec: LaunchSpec, python: str | None = None):
-    """Submit ``spec`` and return the submitit job (its ``result()`` waits through requeues)."""
-    import submitit
-
+def submit(spec: LaunchSpec) -> submitit.Job:
+    """Submit ``spec`` and return the submitit job (its ``results()`` wait through requeues)."""
     # SlurmExecutor directly (what AutoExecutor(cluster="slurm") wraps) so that --dry-run renders
     # the same parameters through the same function without needing srun on this machine.
     folder = submitit_folder(spec)
@@ -83,7 +83,7 @@ def submit(spec: LaunchSpec, python: str | None = None):
         executor.update_parameters(timeout_min=spec.timeout_min, nodes=spec.nodes,
                                    tasks_per_node=spec.tasks_per_node, gpus_per_node=spec.gpus_per_node)
     else:
-        executor = submitit.SlurmExecutor(folder, max_num_timeout=spec.max_requeues, python=python)
+        executor = submitit.SlurmExecutor(folder, max_num_timeout=spec.max_requeues)
         executor.update_parameters(**sbatch_parameters(spec))
     return executor.submit(job)
 
