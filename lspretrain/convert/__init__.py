@@ -1,0 +1,74 @@
+"""Checkpoint conversion: our backbones to and from external formats (docs/CONVERT.md).
+
+One module per format, each with its key map in one place (``timm``, ``dinov2``, ``hf``,
+``onnx``; ``native`` for our own torch/safetensors files) and ``sources`` for training
+checkpoints. Everything goes through a ``Backbone`` (state dict + ViTConfig + spec):
+
+    bb = read_source("runs/x", which="teacher")        # run dir, DCP, DeepSpeed, our file
+    write(bb, "hf", Path("out/hf"))                      # -> Summary
+    bb = read_released("dinov2_vitl14.pth", "dinov2", spec="paper")   # plain -> specialized
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..models import get_spec, specialize
+from . import dinov2, hf, native, onnx, timm
+from .common import Backbone, ConversionError, Summary, load_tensor_file, select_backbone, unwrap
+from .native import load_backbone
+from .sources import read_training_checkpoint
+
+__all__ = [
+    "EXPORT_FORMATS", "IMPORT_FORMATS", "Backbone", "ConversionError", "Summary", "read_source", "read_released",
+    "write", "load_backbone",
+]
+
+EXPORT_FORMATS = ("torch", "safetensors", "timm", "dinov2", "hf", "onnx")
+IMPORT_FORMATS = ("timm", "dinov2", "hf")
+
+
+def read_source(path: str | Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
+    """Our backbone file, or the backbone ``which`` of a run directory / DCP / DeepSpeed checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return load_backbone(path)
+    if path.is_dir():
+        return read_training_checkpoint(path, which, num_heads)
+    raise ConversionError(f"{path}: no such file or directory")
+
+
+def read_released(
+    path: str | Path, fmt: str, spec: str | None = None, which: str | None = None, num_heads: int | None = None
+) -> Backbone:
+    """A released plain checkpoint (``fmt`` timm/dinov2/hf) as our backbone, specialized by the
+    preset ``spec`` when given (CLS copies start equal to the shared weights: same outputs)."""
+    path = Path(path)
+    if fmt == "hf":
+        bb = hf.load(path)
+    elif fmt in ("timm", "dinov2"):
+        obj, meta = load_tensor_file(path)
+        flat = unwrap(obj, str(path))
+        prefix = select_backbone(flat, which, str(path))
+        sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        bb = (timm if fmt == "timm" else dinov2).load(sd, meta, str(path), num_heads)
+    else:
+        raise ConversionError(f"--from {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
+    model = bb.build()  # checks that every tensor found its place
+    if spec is None or get_spec(spec).is_plain:
+        return bb
+    specialized = Backbone.from_model(specialize(model, spec), bb.source)
+    specialized.notes = bb.notes + [f"specialized with preset {spec!r} (CLS copies equal the shared weights)"]
+    return specialized
+
+
+def write(bb: Backbone, fmt: str, out: str | Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:
+    out = Path(out)
+    if fmt == "torch":
+        return native.save_torch(bb, out, dtype)
+    if fmt == "safetensors":
+        return native.save_safetensors(bb, out, dtype)
+    if fmt == "onnx":
+        return onnx.save(bb, out, dtype)
+    if fmt in ("timm", "dinov2", "hf"):
+        return {"timm": timm, "dinov2": dinov2, "hf": hf}[fmt].save(bb, out, dtype, allow_equal_cls)
+    raise ConversionError(f"--to {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")

@@ -1,0 +1,81 @@
+"""The dinov2 repository's ``DinoVisionTransformer`` layout (its torch.hub backbones), both ways.
+
+Block, norm, LayerScale (``ls1.gamma``) and MLP names (``mlp.fc1``/``fc2``, SwiGLU
+``mlp.w12``/``w3``) are ours already; what differs is in ``KEY_MAP`` and in layout rules:
+- dinov2 always has a position for CLS: a patch-only embedding (DeiT-III) gets a zero CLS slot
+  (adds nothing at inference);
+- dinov2 always has a mask token: a zero one is written when ours has none (training only);
+- training checkpoints may chunk blocks (``blocks.<chunk>.<i>.``, with global ``i``): flattened.
+A dinov2 checkpoint has no slot for the specialized CLS path: specialized backbones are refused.
+
+The file is a bare state dict, as ``torch.hub.load("facebookresearch/dinov2", ...)`` loads it;
+the ``DinoVisionTransformer`` arguments go into the safetensors metadata (``dinov2_model_args``)
+and the summary. ``interpolate_offset=0.0`` and no antialiasing make dinov2 resize the
+positional embedding exactly as our ViT does (its released models use offset 0.1).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .common import Backbone, Summary, cast, infer_spec, infer_vit_config, require_plain, save_state_dict
+
+__all__ = ["KEY_MAP", "to_dinov2", "from_dinov2", "save", "load"]
+
+# (ours, dinov2) key fragments; every other key is identical.
+KEY_MAP = (("reg_token", "register_tokens"),)
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+def to_dinov2(bb: Backbone, allow_equal_cls: bool = False) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """(state dict, DinoVisionTransformer kwargs, notes) for a plain backbone."""
+    bb = require_plain(bb, "dinov2", allow_equal_cls)
+    cfg, notes = bb.config, list(bb.notes)
+    sd = dict(bb.state_dict)
+    for ours, theirs in KEY_MAP:
+        if ours in sd:
+            sd[theirs] = sd.pop(ours)
+    if not cfg.pos_embed_cls:
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+        notes.append("zero CLS position added (dinov2 always has one; CLS + 0 = CLS)")
+    if "mask_token" not in sd:
+        sd["mask_token"] = sd["cls_token"].new_zeros(1, cfg.embed_dim)
+        notes.append("zero mask_token added (dinov2 always has one; used only for iBOT masking)")
+    model_args = dict(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        ffn_bias=True, proj_bias=True, init_values=cfg.layerscale_init,
+        ffn_layer="swiglufused" if cfg.ffn == "swiglu" else "mlp", block_chunks=0,
+        num_register_tokens=cfg.num_registers, interpolate_antialias=False, interpolate_offset=0.0,
+    )
+    return sd, model_args, notes
+
+
+def from_dinov2(sd: dict[str, torch.Tensor], source: str, num_heads: int | None = None, model_args: dict | None = None) -> Backbone:
+    """A plain ``Backbone`` from a dinov2 backbone state dict (hub release or training teacher)."""
+    model_args = model_args or {}
+    out = {}
+    for k, v in sd.items():
+        k = _CHUNKED.sub(r"blocks.\1.", k)
+        for ours, theirs in KEY_MAP:
+            k = ours if k == theirs else k
+        out[k] = v
+    vit = infer_vit_config(
+        out, source, num_heads or model_args.get("num_heads"), layerscale_init=model_args.get("init_values")
+    )
+    return Backbone(out, vit, infer_spec(out, vit["depth"]), source)
+
+
+def save(bb: Backbone, out: Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:
+    sd, model_args, notes = to_dinov2(bb, allow_equal_cls)
+    sd = cast(sd, dtype)
+    save_state_dict(sd, out, {"dinov2_model_args": json.dumps(model_args)})
+    return Summary.of("dinov2", [out], sd, notes + [f"DinoVisionTransformer args: {json.dumps(model_args)}"])
+
+
+def load(sd: dict[str, torch.Tensor], meta: dict[str, str], source: str, num_heads: int | None = None) -> Backbone:
+    return from_dinov2(sd, source, num_heads, json.loads(meta.get("dinov2_model_args", "{}")))

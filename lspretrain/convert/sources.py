@@ -1,0 +1,142 @@
+"""Reading a backbone out of a training run: a run directory, a torch.distributed.checkpoint
+(fsdp2) directory or a DeepSpeed ZeRO 1/2/3 checkpoint, on one CPU process without a process
+group. Nothing is unpickled beyond weights: DCP reads tensors through its own metadata, and
+DeepSpeed's files are loaded weights-only with an allow-list of its three plain data classes.
+
+The architecture comes from the run's ``config.yaml`` (``model.arch``, ``model.spec``,
+``model.overrides``), found in the checkpoint's parent directories; without one it is inferred
+from the weights (head count width/64, registers with patches), which the CLI lets
+``--num-heads`` correct.
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..models import get_spec, vit_config
+from .common import Backbone, ConversionError, infer_spec, infer_vit_config, select_backbone
+
+__all__ = ["is_dcp", "is_deepspeed", "newest_checkpoint", "read_training_checkpoint"]
+
+
+def is_dcp(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
+def _deepspeed_tag_dir(path: Path) -> Path | None:
+    """The directory holding a DeepSpeed checkpoint's ``*_model_states.pt``: ``path`` itself,
+    the tag its ``latest`` file names, or its only tag directory (the engine saves one tag,
+    ``zero``, per checkpoint directory and no ``latest``)."""
+    if any(path.glob("*model_states.pt")):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        tag = path / latest.read_text().strip()
+        return tag if any(tag.glob("*model_states.pt")) else None
+    tags = [d for d in path.iterdir() if d.is_dir() and any(d.glob("*model_states.pt"))] if path.is_dir() else []
+    return tags[0] if len(tags) == 1 else None
+
+
+def is_deepspeed(path: Path) -> bool:
+    return _deepspeed_tag_dir(path) is not None
+
+
+def _step_of(path: Path) -> int:
+    digits = re.findall(r"\d+", path.name)
+    return int(digits[-1]) if digits else -1
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint under ``run_dir/checkpoints`` (or ``run_dir``): the
+    highest step among directories that are complete DCP or DeepSpeed checkpoints. Checkpoints
+    are written to a hidden/temporary name and renamed when complete, so those are skipped."""
+    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    found = [
+        p for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and "tmp" not in p.name and (is_dcp(p) or is_deepspeed(p))
+    ]
+    if not found:
+        raise ConversionError(f"{run_dir}: no complete checkpoint (DCP or DeepSpeed) under {root}")
+    return max(found, key=lambda p: (_step_of(p), p.stat().st_mtime))
+
+
+def _run_config(path: Path) -> dict | None:
+    """The ``model`` section of the nearest ``config.yaml`` at or above ``path``."""
+    for d in [path, *path.parents][:4]:
+        f = d / "config.yaml"
+        if f.is_file():
+            return (yaml.safe_load(f.read_text()) or {}).get("model")
+    return None
+
+
+def _read_dcp(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    tensors = {k: md for k, md in reader.read_metadata().state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    prefix = select_backbone(tensors, which, str(path))
+    # Only the chosen backbone is read; DCP assembles every tensor from all ranks' shards.
+    sd = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in tensors.items() if k.startswith(prefix)}
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    return {k[len(prefix):]: v for k, v in sd.items()}, prefix
+
+
+class _WeightsOnlyTorch:
+    """Stands in for ``torch`` inside DeepSpeed's ``zero_to_fp32`` while it runs, so that every
+    file it opens is loaded weights-only (it asks for ``weights_only=False``)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, mmap=None, weights_only=None):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        # Plain data holders (an enum, a namedtuple-like record, a few scaler numbers): allowing
+        # them lets no callable from the file run.
+        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler]):
+            return torch.load(f, map_location=map_location, mmap=mmap, weights_only=True)
+
+
+def _read_deepspeed(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    from deepspeed.utils import zero_to_fp32
+
+    tag_dir = _deepspeed_tag_dir(path)
+    original = zero_to_fp32.torch
+    zero_to_fp32.torch = _WeightsOnlyTorch()
+    try:
+        with contextlib.redirect_stdout(None):
+            # ZeRO 1/2/3 alike: the fp32 master weights, merged from every rank's partition.
+            full = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except pickle.UnpicklingError as err:
+        raise ConversionError(f"{tag_dir}: refused to unpickle a DeepSpeed file holding more than weights: {err}") from None
+    finally:
+        zero_to_fp32.torch = original
+    prefix = select_backbone(full, which, str(tag_dir))
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, prefix
+
+
+def read_training_checkpoint(path: Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
+    """The backbone ``which`` (teacher/student/ema/model) of a run directory or checkpoint."""
+    if not (is_dcp(path) or is_deepspeed(path)):
+        path = newest_checkpoint(path)
+    sd, prefix = (_read_dcp if is_dcp(path) else _read_deepspeed)(path, which)
+    source = f"{path}[{prefix or '<top level>'}]"
+    model = _run_config(path)
+    if model is not None:
+        vit = vit_config(model["arch"], **(model.get("overrides") or {})).to_dict()
+        spec = get_spec(model.get("spec", "none")).to_dict()
+    else:
+        vit = infer_vit_config(sd, source, num_heads)
+        spec = infer_spec(sd, vit["depth"])
+    # Training-time regularisation is not part of the weights' function.
+    vit["drop_path_rate"] = 0.0
+    return Backbone(sd, vit, spec, source)
