@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,27 +47,36 @@ def is_deepspeed(path: Path) -> bool:
     return _deepspeed_tag_dir(path) is not None
 
 
-def _step_of(path: Path) -> int:
-    digits = re.findall(r"\d+", path.name)
-    return int(digits[-1]) if digits else -1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint under ``run_dir/checkpoints`` (or ``run_dir``): the
-    highest step among directories that are complete DCP or DeepSpeed checkpoints. Checkpoints
-    are written to a hidden/temporary name and renamed when complete, so those are skipped."""
-    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    found = [
-        p for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and "tmp" not in p.name and (is_dcp(p) or is_deepspeed(p))
-    ]
-    if not found:
-        raise ConversionError(f"{run_dir}: no complete checkpoint (DCP or DeepSpeed) under {root}")
-    return max(found, key=lambda p: (_step_of(p), p.stat().st_mtime))
+    """The newest complete checkpoint of a run (engine layout, ``lspretrain.engine.checkpoint``):
+    the highest ``RUN/checkpoints/step_N`` holding ``COMPLETE.json``; saves in progress live
+    in ``.tmp-step_N`` and are never picked."""
+    root = run_dir / "checkpoints"
+    steps = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())
+             if (m := _STEP_DIR.match(d.name)) and (d / "COMPLETE.json").is_file()]
+    if not steps:
+        raise ConversionError(f"{run_dir}: not a checkpoint, and no complete checkpoint under {root} (step_N/COMPLETE.json)")
+    return max(steps)[1]
+
+
+def _strategy_dir(path: Path) -> Path:
+    """The DCP or DeepSpeed directory ``path`` designates: itself, its ``state/`` (one
+    checkpoint step), or the newest complete checkpoint's ``state/`` (a run directory)."""
+    for candidate in (path, path / "state"):
+        if is_dcp(candidate) or is_deepspeed(candidate):
+            return candidate
+    state = newest_checkpoint(path) / "state"
+    if not (is_dcp(state) or is_deepspeed(state)):
+        raise ConversionError(f"{state}: neither a DCP (.metadata) nor a DeepSpeed (*model_states.pt) checkpoint")
+    return state
 
 
 def _run_config(path: Path) -> dict | None:
-    """The ``model`` section of the nearest ``config.yaml`` at or above ``path``."""
+    """The ``model`` section of the nearest ``config.yaml`` at or above ``path`` (the run
+    directory is three levels above a checkpoint's ``state/``)."""
     for d in [path, *path.parents][:4]:
         f = d / "config.yaml"
         if f.is_file():
@@ -83,7 +93,9 @@ def _read_dcp(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], s
     prefix = select_backbone(tensors, which, str(path))
     # Only the chosen backbone is read; DCP assembles every tensor from all ranks' shards.
     sd = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in tensors.items() if k.startswith(prefix)}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, storage_reader=reader, no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 
@@ -126,8 +138,7 @@ def _read_deepspeed(path: Path, which: str | None) -> tuple[dict[str, torch.Tens
 
 def read_training_checkpoint(path: Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
     """The backbone ``which`` (teacher/student/ema/model) of a run directory or checkpoint."""
-    if not (is_dcp(path) or is_deepspeed(path)):
-        path = newest_checkpoint(path)
+    path = _strategy_dir(path)
     sd, prefix = (_read_dcp if is_dcp(path) else _read_deepspeed)(path, which)
     source = f"{path}[{prefix or '<top level>'}]"
     model = _run_config(path)
