@@ -1,0 +1,278 @@
+"""Optimizer construction: config, parameter groups (weight decay, layer-wise lr decay), LAMB.
+
+Parameter groups follow the public DINOv2 / BEiT / DeiT rules, applied to *names* and *ranks*
+only, so they work on a plain model, on a backbone wrapped in a method module
+(``student.backbone.blocks.3.attn.qkv.weight``) and on FSDP2 / DDP / compiled /
+checkpoint-wrapped models whose names carry ``module.``, ``_orig_mod.`` ... segments.
+
+- No weight decay on 1-D parameters (norm affines, biases, LayerScale gammas), on the
+  positional embedding and on the cls / register / mask tokens.
+- Layer id (for layer-wise lr decay): patch embedding, positional embedding and tokens -> 0,
+  ``blocks.i`` -> i + 1, everything after the blocks (final norm, heads) -> num_layers + 1;
+  lr scale = layer_decay ** (num_layers + 1 - layer_id).
+- Patch-embedding parameters get an extra ``patch_embed_lr_mult`` (DINOv2: 0.2).
+- Specialized [CLS] parameters (``cls_weight``, ``cls_lora_a`` ...) are classified as their
+  shared twin (``weight``, ``bias``, ``gamma``): same layer id, same decay rule, so the CLS copy
+  of a layer trains under exactly the regime of the patch copy.
+
+Every group carries ``lr_scale`` and ``wd_scale``; ``lspretrain.engine.schedules`` multiplies
+the scheduled lr / wd by them at every step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["OptimConfig", "scaled_lr", "param_groups", "canonical_name", "Lamb", "build_optimizer"]
+
+_WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+_LAYER0_SEGMENTS = frozenset({"patch_embed", "pos_embed", "cls_token", "reg_token", "register_tokens", "mask_token"})
+_NO_DECAY_SEGMENTS = frozenset({"pos_embed", "cls_token", "reg_token", "register_tokens", "mask_token"})
+# Leaf name of a specialized CLS parameter -> leaf name of the shared parameter it copies.
+_CLS_TWIN = {
+    "cls_weight": "weight",
+    "cls_bias": "bias",
+    "cls_gamma": "gamma",
+    "cls_lora_a": "weight",
+    "cls_lora_b": "weight",
+    "cls_bias_delta": "bias",
+}
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and lr / wd schedule settings. Steps count optimizer steps (after gradient
+    accumulation), and ``global_batch_size`` means images per optimizer step, all ranks."""
+
+    name: str = "adamw"  # "adamw" | "lamb"
+    lr: float  # base lr, for base_batch_size images per step
+    lr_scaling: str = "none"  # "none" | "linear" (DeiT: x batch/512) | "sqrt" (DINOv2: x sqrt(batch/1024))
+    base_batch_size: int = 1024
+    min_lr: float = 0.0  # final lr of the cosine; not scaled with the batch (as in dinov2/deit)
+    warmup_steps: int = 0
+    warmup_start_lr: float = 0.0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine wd schedule end value (DINOv2 0.04 -> 0.2); None: constant
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 1.0  # layer-wise lr decay; 1.0 = off
+    patch_embed_lr_mult: float = 1.0  # DINOv2: 0.2
+    clip_grad: float | None = 3.0  # global grad-norm clip applied by the trainer; None = off
+    accum_steps: int = 1
+    freeze_last_layer_steps: int = 0  # DINOv2 freezes the DINO head's last layer; used by the method
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):  # YAML gives lists
+            self.betas = tuple(self.betas)
+
+        def fail(field: str, expected: str) -> None:
+            raise ValueError(f"OptimConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.name not in ("adamw", "lamb"):
+            fail("name", "'adamw' or 'lamb'")
+        if self.lr_scaling not in ("none", "linear", "sqrt"):
+            fail("lr_scaling", "'none', 'linear' or 'sqrt'")
+        if not self.lr > 0:
+            fail("lr", "a positive learning rate")
+        for field in ("min_lr", "warmup_start_lr", "weight_decay"):
+            if not getattr(self, field) >= 0:
+                fail(field, "a value >= 0")
+        if self.weight_decay_end is not None and not self.weight_decay_end >= 0:
+            fail("weight_decay_end", "None or a value >= 0")
+        if not is_int(self.base_batch_size) or self.base_batch_size < 1:
+            fail("base_batch_size", "an integer >= 1")
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
+            fail("warmup_steps", "an integer >= 0")
+        if not is_int(self.accum_steps) or self.accum_steps < 1:
+            fail("accum_steps", "an integer >= 1")
+        if not is_int(self.freeze_last_layer_steps) or self.freeze_last_layer_steps < 0:
+            fail("freeze_last_layer_steps", "an integer >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            fail("betas", "two values in [0, 1)")
+        if not self.eps > 0:
+            fail("eps", "a positive value")
+        if not 0.0 < self.layer_decay <= 1.0:
+            fail("layer_decay", "a value in (0, 1] (1.0 = no layer-wise decay)")
+        if not self.patch_embed_lr_mult >= 0:
+            fail("patch_embed_lr_mult", "a value >= 0")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            fail("clip_grad", "None (no clipping) or a positive max norm")
+
+
+def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
+    """The peak lr for ``global_batch_size`` images per optimizer step (all ranks, all
+    accumulation micro-steps), by ``cfg.lr_scaling``."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size={global_batch_size}: expected >= 1")
+    ratio = global_batch_size / cfg.base_batch_size
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * ratio
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(ratio)
+    return cfg.lr
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments wrappers add (DDP ``module.``, compile ``_orig_mod.``,
+    activation checkpointing ``_checkpoint_wrapped_module.``, FSDP1 ``_fsdp_wrapped_module.``)."""
+    return ".".join(s for s in name.split(".") if s not in _WRAPPER_SEGMENTS)
+
+
+def _layer_id(segments: list[str], num_layers: int) -> int:
+    if _LAYER0_SEGMENTS.intersection(segments):
+        return 0
+    for i, seg in enumerate(segments[:-1]):
+        if seg == "blocks" and segments[i + 1].isdigit():
+            block = int(segments[i + 1])
+            if block >= num_layers:
+                raise ValueError(f"parameter in blocks.{block} but num_layers={num_layers}")
+            return block + 1
+    return num_layers + 1
+
+
+def _decays(segments: list[str], ndim: int) -> bool:
+    leaf = _CLS_TWIN.get(segments[-1], segments[-1])
+    if _NO_DECAY_SEGMENTS.intersection(segments):
+        return False
+    return ndim > 1 and leaf != "bias" and leaf != "gamma"
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, num_layers: int) -> list[dict]:
+    """Optimizer parameter groups of ``model`` (see the module docstring for the rules).
+
+    Parameters with equal ``(lr_scale, wd_scale)`` share one group; groups come in order of
+    first appearance in ``named_parameters`` (deterministic, identical on every rank, which
+    optimizer checkpoints rely on). Each group: ``params``, ``param_names`` (as the model
+    names them; torch optimizers keep them in their state dict), ``name``, ``lr_scale``,
+    ``wd_scale`` (0.0 or 1.0). Frozen parameters (requires_grad False) are left out."""
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        segments = canonical_name(name).split(".")
+        layer = _layer_id(segments, num_layers)
+        lr_scale = cfg.layer_decay ** (num_layers + 1 - layer)
+        if "patch_embed" in segments:
+            lr_scale *= cfg.patch_embed_lr_mult
+        wd_scale = 1.0 if _decays(segments, p.ndim) else 0.0
+        key = (lr_scale, wd_scale)
+        if key not in groups:
+            kind = "decay" if wd_scale else "no_decay"
+            groups[key] = dict(params=[], param_names=[], name=f"{kind}_lr{lr_scale:.4g}", lr_scale=lr_scale, wd_scale=wd_scale)
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return list(groups.values())
+
+
+def _full_sq_norm(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of the full tensor whose shard is ``local``, laid out like the
+    parameter ``like``: for a DTensor, the shard's sum of squares all-reduced over the mesh
+    dimensions ``like`` is sharded on (replicated dimensions already hold the full sum). This
+    never materializes ``full_tensor()``."""
+    # at least fp32: bf16 shards would lose the sum's precision
+    sq = torch.linalg.vector_norm(local, dtype=torch.promote_types(local.dtype, torch.float32)) ** 2
+    if isinstance(like, DTensor):
+        for dim, placement in enumerate(like.placements):
+            if placement.is_shard():
+                dist.all_reduce(sq, group=like.device_mesh.get_group(dim))
+            elif not placement.is_replicate():
+                raise NotImplementedError(f"Lamb: unsupported DTensor placement {placement} for a parameter")
+    return sq
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019) as in timm / DeiT-III.
+
+    Adam moments with bias correction, ``u = m_hat / (sqrt(v_hat) + eps) + wd * p``, trust
+    ratio ``||p|| / ||u||`` (1 when either norm is 0; clamped to <= 1 with ``trust_clip``),
+    ``p -= lr * trust * u``. Like timm, groups with weight_decay == 0 (biases, norms) are not
+    adapted unless ``always_adapt``. Unlike timm's Lamb, there is no built-in global grad-norm
+    clip (timm defaults to max_grad_norm=1.0): the trainer clips, so the DeiT-III recipe needs
+    ``clip_grad=1.0`` to match.
+
+    DTensor (FSDP2) parameters: the elementwise math runs on local shards, and the two norms
+    are full-tensor norms (shard sums of squares all-reduced, see ``_full_sq_norm``). State
+    tensors are DTensors like their parameters, so distributed checkpoints reshard them.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+    ):
+        if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Lamb: invalid lr={lr}, eps={eps}, weight_decay={weight_decay} or betas={betas}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_clip=trust_clip, always_adapt=always_adapt)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()
+                grad, m, v, w = _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), _local(p)
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+                update = (m / (1 - beta1**step)).div_(denom)
+                if wd != 0:
+                    update.add_(w, alpha=wd)
+                if wd != 0 or group["always_adapt"]:
+                    w_norm = _full_sq_norm(w, p).sqrt()
+                    u_norm = _full_sq_norm(update, p).sqrt()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    if group["trust_clip"]:
+                        trust = trust.clamp(max=1.0)
+                    update.mul_(trust.to(update.dtype))
+                w.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, lr_for_init: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` over ``groups`` (from ``param_groups``). Each group starts
+    at ``lr_for_init`` (default ``cfg.lr``) x its ``lr_scale`` and ``cfg.weight_decay`` x its
+    ``wd_scale``; ``apply_schedules`` overwrites both before every step. AdamW lets torch pick
+    its foreach implementation (chosen on CUDA, DTensor included)."""
+    lr = cfg.lr if lr_for_init is None else lr_for_init
+    groups = [
+        {**g, "lr": lr * g.get("lr_scale", 1.0), "weight_decay": cfg.weight_decay * g.get("wd_scale", 1.0)} for g in groups
+    ]
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
