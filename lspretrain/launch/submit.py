@@ -59,7 +59,7 @@ def build_spec(args: argparse.Namespace, site: SiteDefaults) -> LaunchSpec:
 
 
 def resolved_config(spec: LaunchSpec) -> str:
-    """The trainer's config after overrides, as YAML (also validates keys before submission)."""
+    """The trainer's config after overrides, as YAML; refused here rather than on the cluster."""
     from omegaconf import OmegaConf
 
     from ..engine.config import ConfigError, load_config
@@ -68,6 +68,11 @@ def resolved_config(spec: LaunchSpec) -> str:
         cfg = load_config(spec.recipe, list(spec.trainer_argv()[1:]))
     except ConfigError as err:
         raise LaunchError(str(err)) from None
+    tasks = spec.nodes * spec.tasks_per_node
+    if tasks > 1 and cfg.strategy.name == "single":
+        # Every task would train its own copy into the same run directory.
+        raise LaunchError(f"strategy.name=single cannot use {tasks} tasks; override strategy.name=ddp (or fsdp2, "
+                          "deepspeed)")
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
