@@ -1,6 +1,6 @@
 """DINOv2 self-supervised pretraining (DINO + iBOT + KoLeo), for plain and specialized ViTs.
 
-The meta-architecture is split the dinov3 way: ``get_teacher_output`` (no grad, centred and
+Implements the ``Method`` protocol (``methods/base.py``). The meta-architecture is split the dinov3 way: ``get_teacher_output`` (no grad, centred and
 sharpened targets), ``get_student_output`` (masked globals + locals through the student),
 ``compute_losses``. The teacher is an EMA of the student (same specialization preset); the
 update goes through the strategy so it works on sharded parameters.
@@ -15,9 +15,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..engine.config import ModelConfig
 from ..models import build_backbone
 from ..models.heads import DINOHead
 from ..models.vit import DropPath
+from .base import Method
 from .ssl_losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 __all__ = ["DINOv2Config", "DINOv2", "teacher_momentum", "teacher_temperature"]
@@ -25,6 +27,7 @@ __all__ = ["DINOv2Config", "DINOv2", "teacher_momentum", "teacher_temperature"]
 
 @dataclass
 class DINOv2Config:
+    name: str = "dinov2"
     # heads (REFERENCE.md §2: 65,536 prototypes, 131,072 and bottleneck 384 for L/g)
     head_prototypes: int = 65536
     head_hidden_dim: int = 2048
@@ -76,26 +79,27 @@ class _Branch(nn.Module):
         super().__init__()
         dim = backbone.embed_dim
         self.backbone = backbone
-        self.dino_head = DINOHead(dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers)
-        self.ibot_head = (
-            DINOHead(dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers)
-            if cfg.ibot_separate_head
-            else None
-        )
+        head = lambda: DINOHead(dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers)
+        self.dino_head = head()
+        self.ibot_head = head() if cfg.ibot_separate_head else None
 
     def patch_head(self) -> DINOHead:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
+    def heads(self) -> list[DINOHead]:
+        return [h for h in (self.dino_head, self.ibot_head) if h is not None]
 
-class DINOv2(nn.Module):
-    """Student and EMA teacher with DINO/iBOT heads; ``forward(batch, step)`` -> (loss, metrics)."""
 
-    def __init__(self, cfg: DINOv2Config, arch: str, spec: str = "none", total_steps: int = 1, **vit_overrides):
-        super().__init__()
-        self.cfg = cfg
-        self.total_steps = total_steps
-        vit_overrides.setdefault("mask_token", True)
-        self.student = _Branch(build_backbone(arch, spec, **vit_overrides), cfg)
+class DINOv2(Method):
+    """Student and EMA teacher (same specialization preset) with DINO/iBOT heads."""
+
+    config_class = DINOv2Config
+
+    def __init__(self, cfg: DINOv2Config, model_cfg: ModelConfig):
+        super().__init__(cfg, model_cfg)
+        self.total_steps = 1  # the trainer sets the run's length (teacher momentum schedule)
+        overrides = {"mask_token": True, **model_cfg.overrides}
+        self.student = _Branch(build_backbone(model_cfg.arch, model_cfg.spec, **overrides), cfg)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         # The teacher never drops paths: it sees the full network, as in DINOv2.
@@ -105,6 +109,13 @@ class DINOv2(nn.Module):
         if cfg.centering == "softmax":
             self.dino_center = SoftmaxCenter(cfg.head_prototypes, cfg.center_momentum)
             self.ibot_center = SoftmaxCenter(cfg.head_prototypes, cfg.center_momentum)
+
+    # -- what the strategy needs ----------------------------------------------------------
+    def sharded_modules(self) -> list[nn.Module]:
+        return [self.student.backbone, self.teacher.backbone]
+
+    def optimized_module(self) -> nn.Module:
+        return self.student
 
     # -- teacher ---------------------------------------------------------------------------
     def _center(self, which: str, logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -117,25 +128,24 @@ class DINOv2(nn.Module):
         """Centred, sharpened teacher targets for the global crops: one (B, K) tensor per
         crop (DINO), and (M, K) for the M masked patches (iBOT)."""
         temp = teacher_temperature(self.cfg, step)
-        crops = batch["global_crops"]
-        out = self.teacher.backbone.forward_features(crops)
+        out = self.teacher.backbone.forward_features(batch["global_crops"])
         cls_logits = self.teacher.dino_head(out["cls_norm"])
-        masks = batch["masks"]
-        patch_logits = self.teacher.patch_head()(out["patches_norm"][masks])
-        n_global = 2
+        patch_logits = self.teacher.patch_head()(out["patches_norm"][batch["masks"]])
         return {
-            "dino": self._center("dino", cls_logits, temp).chunk(n_global),
+            "dino": self._center("dino", cls_logits, temp).chunk(2),
             "ibot": self._center("ibot", patch_logits, temp),
             "temp": temp,
         }
 
     # -- student ---------------------------------------------------------------------------
-    def get_student_output(self, batch: dict) -> dict:
+    def get_student_output(self, batch: dict, step: int) -> dict:
         """Student logits for every crop (globals masked for iBOT) and the global CLS tokens."""
+        for head in self.student.heads():
+            head.freeze_last_layer = step < self.cfg.freeze_last_layer_steps
         masks = batch["masks"]
         glob = self.student.backbone.forward_features(batch["global_crops"], masks=masks)
         cls_tokens = [glob["cls_norm"]]
-        if batch.get("local_crops") is not None and batch["local_crops"].numel():
+        if batch["local_crops"].numel():
             cls_tokens.append(self.student.backbone.forward_features(batch["local_crops"])["cls_norm"])
         # One head pass over every crop's CLS token (the head is the same for all of them).
         logits = self.student.dino_head(torch.cat(cls_tokens))
@@ -147,32 +157,52 @@ class DINOv2(nn.Module):
         }
 
     # -- losses ------------------------------------------------------------------------------
-    def compute_losses(self, teacher: dict, student: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def compute_losses(self, teacher: dict, student: dict, batch: dict, step: int):
         cfg = self.cfg
-        losses = {"dino": dino_loss(student["dino"], list(teacher["dino"]), cfg.student_temp)}
+        dino = dino_loss(student["dino"], list(teacher["dino"]), cfg.student_temp)
         if batch["masks"].any():
-            losses["ibot"] = ibot_loss(student["ibot"], teacher["ibot"], batch["masks"], cfg.student_temp)
+            ibot = ibot_loss(student["ibot"], teacher["ibot"], batch["masks"], cfg.student_temp)
         else:
-            losses["ibot"] = student["ibot"].sum() * 0.0
-        losses["koleo"] = sum(koleo_loss(c) for c in student["global_cls"].chunk(2))
-        losses["total"] = cfg.dino_loss_weight * losses["dino"] + cfg.ibot_loss_weight * losses["ibot"] + cfg.koleo_loss_weight * losses["koleo"]
-        return losses
+            ibot = student["ibot"].sum() * 0.0
+        koleo = sum(koleo_loss(c) for c in student["global_cls"].chunk(2))
+        total = cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot + cfg.koleo_loss_weight * koleo
+        metrics = {"loss/dino": dino.detach(), "loss/ibot": ibot.detach(), "loss/koleo": koleo.detach(),
+                   "dino/teacher_temp": torch.tensor(teacher["temp"])}
+        return total, metrics
 
-    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        teacher = self.get_teacher_output(batch, step)
-        student = self.get_student_output(batch)
-        losses = self.compute_losses(teacher, student, batch)
-        metrics = {f"loss/{k}": v.detach() for k, v in losses.items() if k != "total"}
-        metrics["dino/teacher_temp"] = teacher["temp"]
-        return losses["total"], metrics
-
-    # -- hooks around the optimizer step -----------------------------------------------------
-    def before_optimizer_step(self, step: int) -> None:
-        """DINOv2 freezes the prototypes (the heads' last layer) for the first epoch."""
-        if step < self.cfg.freeze_last_layer_steps:
-            for head in (self.student.dino_head, self.student.ibot_head):
-                if head is not None:
-                    head.last_layer.weight.grad = None
-
+    # -- after the optimizer step --------------------------------------------------------------
     def momentum(self, step: int) -> float:
         return teacher_momentum(self.cfg, step, self.total_steps)
+
+    def after_step(self, step: int, strategy) -> None:
+        strategy.ema_update(self.teacher, self.student, self.momentum(step))
+
+    # -- data and accounting ----------------------------------------------------------------
+    def build_loader(self, cfg, rank: int, world_size: int):
+        from ..data import DINOv2Collate, DINOv2MultiCrop, build_loader
+
+        c = self.cfg
+        crops = DINOv2MultiCrop(global_size=c.global_crop_size, local_size=c.local_crop_size, n_local=c.n_local_crops,
+                                global_scale=tuple(c.global_crops_scale), local_scale=tuple(c.local_crops_scale))
+        collate = DINOv2Collate(patch_size=self.student.backbone.cfg.patch_size, global_size=c.global_crop_size,
+                                photometric=crops.photometric, mask_ratio=tuple(c.mask_ratio_min_max),
+                                mask_probability=c.mask_probability)
+        return build_loader(cfg.data, crops, collate, rank=rank, world_size=world_size)
+
+    def train_flops_per_sample(self) -> float:
+        """Student forward+backward on 2 global and n local crops, teacher forward on 2 globals
+        (heads excluded: small next to the backbone)."""
+        from ..accounting import flop_counter_flops
+
+        with torch.device("meta"):
+            backbone = build_backbone(self.model_cfg.arch, self.model_cfg.spec, **{"mask_token": True, **self.model_cfg.overrides})
+        c = self.cfg
+        train_g = flop_counter_flops(backbone.train(), c.global_crop_size, backward=True)
+        train_l = flop_counter_flops(backbone, c.local_crop_size, backward=True) if c.n_local_crops else 0
+        teacher_g = flop_counter_flops(backbone.eval(), c.global_crop_size)
+        return float(2 * train_g + c.n_local_crops * train_l + 2 * teacher_g)
+
+    def tokens_per_sample(self) -> int:
+        p = self.student.backbone.cfg.patch_size
+        c, prefix = self.cfg, self.student.backbone.num_prefix_tokens
+        return 2 * ((c.global_crop_size // p) ** 2 + prefix) + c.n_local_crops * ((c.local_crop_size // p) ** 2 + prefix)

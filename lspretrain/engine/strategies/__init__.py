@@ -1,0 +1,25 @@
+"""Distribution strategies behind one interface (see ``base.Strategy``)."""
+from __future__ import annotations
+
+import torch
+
+from ..config import StrategyConfig
+from ..dist import DistEnv
+from .base import StepResult, Strategy, local_tensor
+
+
+def build_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> Strategy:
+    if cfg.name == "single":
+        from .single import SingleStrategy as cls
+    elif cfg.name == "ddp":
+        from .ddp import DDPStrategy as cls
+    elif cfg.name == "fsdp2":
+        from .fsdp2 import FSDP2Strategy as cls
+    elif cfg.name == "deepspeed":
+        from .deepspeed import DeepSpeedStrategy as cls
+    else:
+        raise ValueError(f"strategy.name={cfg.name!r}: expected single, ddp, fsdp2 or deepspeed")
+    return cls(cfg, env, device)
+
+
+__all__ = ["build_strategy", "Strategy", "StepResult", "local_tensor"]

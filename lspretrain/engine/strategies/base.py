@@ -1,0 +1,157 @@
+"""The Strategy interface: everything the trainer loop does that depends on how the model is
+distributed. ``single``, ``ddp`` and ``fsdp2`` share this base (torch optimizer, DCP
+checkpoints); ``deepspeed`` overrides the parts its engine owns.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ..config import StrategyConfig
+from ..dist import DistEnv
+from ..optim import OptimConfig, build_optimizer, param_groups
+
+__all__ = ["Strategy", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # before clipping; inf/nan when the step was refused
+    applied: bool
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's local shard, a ZeRO-3 partition, or the
+    tensor itself."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.data
+
+
+class Strategy:
+    name = "base"
+
+    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.method: nn.Module | None = None
+        self.module: nn.Module | None = None  # what forward is called on (may be a wrapper)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.accum_steps = 1
+        self._ckpt_group = None
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    # -- set-up -------------------------------------------------------------------------
+    def setup(self, method: nn.Module, optim_cfg: OptimConfig, micro_batch: int) -> None:
+        """Distribute ``method`` and build the optimizer over its optimized parameters
+        (``micro_batch``: samples per rank per micro-step)."""
+        self.method = method.to(self.device)
+        self.accum_steps = optim_cfg.accum_steps
+        self.module = self.wrap(method)
+        groups = param_groups(method.optimized_module(), optim_cfg, method.num_layers())
+        self.optimizer = build_optimizer(groups, optim_cfg)
+        if dist.is_initialized():
+            # Async checkpoint collectives run in a background thread: keep them off the
+            # group the training step uses.
+            self._ckpt_group = dist.new_group(backend="gloo")
+
+    def wrap(self, method: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    # -- one step -----------------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        """Context of one micro-batch's forward + backward; gradients are synchronized only
+        on the ``last`` micro-batch of an accumulation."""
+        yield
+
+    def forward(self, batch: dict, step: int):
+        with self.autocast():
+            return self.module(batch, step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def clip_and_step(self, max_norm: float, skip: bool) -> StepResult:
+        """Clip to ``max_norm`` (0: no clipping, norm still measured) and step, unless ``skip``
+        or the gradient norm is not finite; every rank sees the same norm, so all agree."""
+        params = [p for p in self.method.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        applied = not skip and torch.isfinite(torch.tensor(norm)).item()
+        if applied:
+            self.optimizer.step()
+        self.zero_grad()
+        return StepResult(norm, bool(applied))
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- collectives --------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    # -- EMA ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def ema_update(self, target: nn.Module, source: nn.Module, momentum: float) -> None:
+        """``target = momentum * target + (1 - momentum) * source``, parameter by parameter, on
+        the local shards (both modules are sharded alike), so nothing is gathered."""
+        t = [local_tensor(p) for p in target.parameters()]
+        s = [local_tensor(p) for p in source.parameters()]
+        if len(t) != len(s):
+            raise ValueError(f"ema_update: target has {len(t)} parameters, source {len(s)}")
+        torch._foreach_lerp_(t, [x.to(y.dtype) for x, y in zip(s, t)], 1.0 - momentum)
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def _app_state(self, extra: dict) -> dict:
+        model, optim = get_state_dict(self.method, self.optimizer)
+        return {"model": model, "optim": optim, "method": extra}
+
+    def save_checkpoint(self, path: Path, extra: dict, async_save: bool = False):
+        """Write model, optimizer and method state under ``path`` (collective). Returns a
+        future when ``async_save`` (the state is staged before this returns), else None."""
+        state = self._app_state(extra)
+        if async_save:
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+        dcp.save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+        return None
+
+    def load_checkpoint(self, path: Path, extra: dict) -> dict:
+        """Load in place (resharding to this world size as needed); returns the method state."""
+        state = self._app_state(extra)
+        dcp.load(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+        set_state_dict(self.method, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return state["method"]
+
+    def close(self) -> None:
+        pass

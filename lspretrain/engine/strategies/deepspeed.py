@@ -1,0 +1,109 @@
+"""DeepSpeed ZeRO 1/2/3 from a generated config dict; the engine owns backward, clipping,
+accumulation and the step, and checkpoints with its own ``save_checkpoint``.
+
+The optimizer is ours (``optimizer=`` client optimizer, parameter groups with their lr/wd
+scales), so no DeepSpeed op is JIT-compiled. The engine skips a step by itself when the
+gradient norm is not finite (bf16 ``check_grad_overflow``); ``was_step_applied`` reports it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..optim import OptimConfig, build_optimizer, param_groups
+from .base import StepResult, Strategy
+
+TAG = "zero"
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def ds_config(self, optim_cfg: OptimConfig, micro_batch: int) -> dict:
+        ds = self.cfg.deepspeed
+        zero: dict = {"stage": ds.stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": optim_cfg.accum_steps,
+            "gradient_clipping": optim_cfg.clip_grad,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.cfg.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,  # our torch AdamW / LAMB
+            "zero_force_ds_cpu_optimizer": False,  # offload with a torch optimizer, no cpu_adam build
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        return _deep_merge(config, dict(ds.extra))
+
+    def setup(self, method: nn.Module, optim_cfg: OptimConfig, micro_batch: int) -> None:
+        import deepspeed
+
+        if self.cfg.activation_checkpointing != "none" or self.cfg.compile:
+            from ..parallelize import apply_activation_checkpointing, apply_compile
+
+            apply_activation_checkpointing(method, self.cfg.activation_checkpointing, self.cfg.ac_every)
+            if self.cfg.compile:
+                apply_compile(method)
+        self.method = method.to(self.device)
+        self.accum_steps = optim_cfg.accum_steps
+        optimizer = build_optimizer(param_groups(method.optimized_module(), optim_cfg, method.num_layers()), optim_cfg)
+        self.module, self.optimizer, _, _ = deepspeed.initialize(
+            model=method, optimizer=optimizer, config=self.ds_config(optim_cfg, micro_batch))
+        self._last = True
+
+    def prepare_batch(self, batch: dict) -> dict:
+        batch = super().prepare_batch(batch)
+        if self.cfg.precision != "bf16":
+            return batch
+        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine holds bf16 parameters; inputs are cast
+
+    @contextlib.contextmanager
+    def micro_step(self, last: bool) -> Iterator[None]:
+        self._last = last
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)  # the engine divides by gradient_accumulation_steps
+        if not self._last:
+            self.module.step()  # only advances the engine's micro-step counter
+
+    def clip_and_step(self, max_norm: float, skip: bool) -> StepResult:
+        # Clipping is in the engine's config (gradient_clipping); a non-finite loss makes the
+        # gradients non-finite, which the engine refuses on its own.
+        self.module.step()
+        norm = self.module.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return StepResult(norm, bool(self.module.was_step_applied()))
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad()
+
+    def save_checkpoint(self, path: Path, extra: dict, async_save: bool = False):
+        self.module.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        if extra:
+            torch.save(extra, Path(path) / f"method_rank{self.rank:05d}.pt")
+        return None  # DeepSpeed has no asynchronous save here: always synchronous
+
+    def load_checkpoint(self, path: Path, extra: dict) -> dict:
+        loaded, _ = self.module.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {TAG!r} under {path}")
+        file = Path(path) / f"method_rank{self.rank:05d}.pt"
+        return torch.load(file, weights_only=True) if extra and file.exists() else extra
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

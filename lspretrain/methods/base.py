@@ -1,0 +1,96 @@
+"""The Method protocol: what the trainer needs from a training method (DeiT-III, DINOv2, ...).
+
+A method is an ``nn.Module`` that owns its modules: the student backbone and heads, and an
+optional teacher that the optimizer never sees. It does not know which strategy runs it.
+
+One step, as the trainer drives it::
+
+    batch = strategy.prepare_batch(next(loader))        # device + dtype
+    loss, metrics = method_wrapped(batch, step)         # forward(): teacher -> student -> losses
+    strategy.backward(loss); strategy.clip_and_step(...)
+    method.after_step(step, strategy)                   # e.g. teacher EMA via strategy.ema_update
+
+``forward`` is split the dinov3 way: ``get_teacher_output`` (no grad; None without a teacher),
+``get_student_output`` and ``compute_losses``; a method overrides the three parts, not forward.
+
+The data loader (``build_loader``) must be iterable of batch dicts and have ``state_dict()``
+(a plain JSON-able dict), ``load_state_dict(state)`` and ``stats()``. ``load_state_dict`` gets
+this rank's saved state when the world size is unchanged, and the list of every saved rank's
+state when the checkpoint comes from another world size.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from ..engine.config import ModelConfig, TrainConfig
+
+__all__ = ["Method", "StatefulLoader"]
+
+StatefulLoader = Iterable[dict]  # + state_dict(), load_state_dict(state), stats(); see above
+
+
+class Method(nn.Module):
+    config_class: ClassVar[type]  # the dataclass of the ``method`` config section
+
+    def __init__(self, cfg: Any, model_cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    # -- what the strategy needs --------------------------------------------------------
+    def sharded_modules(self) -> list[nn.Module]:
+        """Backbones whose ``.blocks`` are the FSDP units / activation-checkpointing units
+        (student and teacher alike); everything else goes into the root unit."""
+        raise NotImplementedError
+
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters the optimizer updates (the student and its heads)."""
+        return self
+
+    def num_layers(self) -> int:
+        """Depth used by layer-wise lr decay."""
+        return len(self.sharded_modules()[0].blocks)
+
+    # -- the step -----------------------------------------------------------------------
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            teacher = self.get_teacher_output(batch, step)
+        student = self.get_student_output(batch, step)
+        return self.compute_losses(teacher, student, batch, step)
+
+    def get_teacher_output(self, batch: dict, step: int) -> Any:
+        return None
+
+    def get_student_output(self, batch: dict, step: int) -> Any:
+        raise NotImplementedError
+
+    def compute_losses(self, teacher: Any, student: Any, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and named scalars (loss components, accuracies) to log."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, strategy) -> None:
+        """Called after every applied optimizer step (teacher EMA, center updates...)."""
+
+    # -- checkpoint ---------------------------------------------------------------------
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """State outside the module's parameters and buffers (tensors only); under fsdp2 it
+        may hold DTensors, which the checkpoint reshards like the model."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # -- data and accounting ------------------------------------------------------------
+    def build_loader(self, cfg: TrainConfig, rank: int, world_size: int) -> StatefulLoader:
+        """The loader with this method's transform and collate."""
+        raise NotImplementedError
+
+    def train_flops_per_sample(self) -> float | None:
+        """FLOPs of forward + backward for one sample (for FLOP/s and MFU); None: unknown."""
+        return None
+
+    def tokens_per_sample(self) -> int | None:
+        return None

@@ -1,0 +1,153 @@
+"""Helpers for the engine tests: tiny recipes, multi-process gloo runs, loader wrappers that
+inject faults (a signal at step k, NaN images), a logger that records every step."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(run_dir, strategy: str = "single", steps: int = 6, batch: int = 8, **sections) -> dict:
+    """A 2-block, width-32 specialized ViT on 32 px synthetic data, fp32, logged every step."""
+    recipe = {
+        "run": {"dir": str(run_dir), "seed": 0, "total_steps": steps},
+        "model": {"arch": "vit_tiny_patch16", "spec": "paper",
+                  "overrides": {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 1e-4}},
+        "method": {"name": "classification", "num_classes": 10},
+        "optim": {"name": "adamw", "lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.05, "clip_grad": 1.0},
+        "strategy": {"name": strategy, "precision": "fp32"},
+        "checkpoint": {"every": 2, "keep_last": 10},
+        "log": {"every": 1, "tensorboard": False},
+        "data_source": "synthetic",
+        "synthetic": {"batch_size": batch, "img_size": 32, "num_classes": 10},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    return recipe
+
+
+class Recorder:
+    """MetricLogger stand-in: every logged step's scalars into ``steps.jsonl`` (rank 0)."""
+
+    def __init__(self, run_dir, rank: int):
+        self.path = Path(run_dir) / "steps.jsonl" if rank == 0 else None
+
+    def log(self, step: int, scalars: dict, images_in_step=None) -> None:
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+def read_steps(run_dir) -> dict[int, dict]:
+    """step -> scalars; a resumed run's later lines replace the earlier ones."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "steps.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+class LoaderWrapper:
+    """Delegates the StatefulLoader protocol; subclasses act on batch ``index``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            yield self.on_batch(i, batch)
+
+    def on_batch(self, i: int, batch: dict) -> dict:
+        return batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+    def stats(self):
+        return self.loader.stats()
+
+
+class SignalAt(LoaderWrapper):
+    """Sends ``sig`` to this process when handing out batch ``at`` (counted from the start
+    of this process's iteration)."""
+
+    def __init__(self, loader, at: int, sig=signal.SIGTERM):
+        super().__init__(loader)
+        self.at, self.sig = at, sig
+
+    def on_batch(self, i, batch):
+        if i == self.at:
+            os.kill(os.getpid(), self.sig)
+        return batch
+
+
+class NaNAt(LoaderWrapper):
+    """Replaces the images of the batches in ``steps`` by NaNs."""
+
+    def __init__(self, loader, steps):
+        super().__init__(loader)
+        self.steps = set(steps)
+
+    def on_batch(self, i, batch):
+        if i in self.steps:
+            batch = dict(batch, images=torch.full_like(batch["images"], float("nan")))
+        return batch
+
+
+def run_worker(recipe: dict, overrides=(), signal_at: int | None = None, nan_at=(), exit_hard: bool = False) -> dict:
+    """Build and fit a trainer in this process (one rank); returns the result as a dict and
+    writes it to ``RUN/result_rank{r}.json``."""
+    from lspretrain.engine.config import load_config
+    from lspretrain.engine.fault import NonFiniteAbort
+    from lspretrain.train import build
+
+    torch.set_num_threads(1)
+    cfg = load_config(recipe, list(overrides))
+    trainer, env = build(cfg)
+    trainer.logger = Recorder(cfg.run.dir, env.rank)
+    if signal_at is not None and env.rank == 0:
+        trainer.loader = SignalAt(trainer.loader, signal_at)
+    if nan_at:
+        trainer.loader = NaNAt(trainer.loader, nan_at)
+    try:
+        r = trainer.fit()
+        out = {"status": r.status, "step": r.step, "checkpoint": r.checkpoint, "skipped": r.skipped_steps, "reason": r.reason}
+    except NonFiniteAbort as err:
+        out = {"status": "aborted", "step": trainer.step, "error": str(err), "skipped": trainer.guard.total}
+    out["world_size"] = env.world_size
+    Path(cfg.run.dir, f"result_rank{env.rank}.json").write_text(json.dumps(out))
+    if exit_hard:
+        from lspretrain.engine.dist import shutdown
+
+        sys.stdout.flush()
+        shutdown(0)  # DeepSpeed: leave before its C++ teardown can abort
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world_size: int, port: int, recipe: dict, kwargs: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    run_worker(recipe, exit_hard=True, **kwargs)
+
+
+def spawn(world_size: int, recipe: dict, **kwargs) -> dict:
+    """Run ``recipe`` on ``world_size`` gloo ranks (torch.multiprocessing spawn); rank 0's result."""
+    mp.spawn(_child, args=(world_size, free_port(), recipe, kwargs), nprocs=world_size, join=True)
+    return json.loads(Path(recipe["run"]["dir"], "result_rank0.json").read_text())
