@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
-from lspretrain.convert import read_source, write
+from lspretrain.convert import read_source
 from lspretrain.convert.sources import newest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,6 @@
 """Export formats: exact round trips (torch, safetensors, timm, dinov2, hf), transformers and
 onnxruntime against our forward, refusals of layouts that cannot hold the CLS path, and
 pickles carrying code never executed."""
-import copy
 import json
 import os
 import subprocess

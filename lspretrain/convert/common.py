@@ -5,7 +5,6 @@ and the summary of what was written.
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from dataclasses import dataclass, field, fields
@@ -295,6 +294,3 @@ class Summary:
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .common import Backbone, ConversionError, Summary, cast, load_tensor_file
 
-__all__ = ["FORMAT_TAG", "VERSION", "save_torch", "save_safetensors", "load_backbone", "is_native"]
+__all__ = ["FORMAT_TAG", "VERSION", "save_torch", "save_safetensors", "load_backbone"]
 
 FORMAT_TAG = "lspretrain.backbone"
 VERSION = 1
@@ -43,10 +43,6 @@ def save_safetensors(bb: Backbone, out: Path, dtype: str = "fp32") -> Summary:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out), metadata={"format": "pt", "lspretrain": json.dumps(_header(bb))})
     return Summary.of("safetensors", [out], sd, bb.notes)
-
-
-def is_native(obj, meta: dict[str, str]) -> bool:
-    return "lspretrain" in meta or (isinstance(obj, dict) and obj.get("format") == FORMAT_TAG)
 
 
 def load_backbone(path: str | Path) -> Backbone:
