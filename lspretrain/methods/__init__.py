@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import Method
 from .classification import Classification, ClassificationConfig
+from .dinov2 import DINOv2, DINOv2Config
 
-METHODS: dict[str, type[Method]] = {"classification": Classification}
+METHODS: dict[str, type[Method]] = {"classification": Classification, "dinov2": DINOv2}
 METHOD_CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in METHODS.items()}
 
 
@@ -13,4 +14,4 @@ def build_method(cfg, model_cfg) -> Method:
     return METHODS[cfg.name](cfg, model_cfg)
 
 
-__all__ = ["Method", "Classification", "ClassificationConfig", "METHODS", "METHOD_CONFIGS", "build_method"]
+__all__ = ["Method", "Classification", "ClassificationConfig", "DINOv2", "DINOv2Config", "METHODS", "METHOD_CONFIGS", "build_method"]

@@ -31,10 +31,16 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+        # DINOv2 freezes the prototypes for the first epoch; the method sets this per step.
+        self.freeze_last_layer = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
+        prototypes = self.last_layer.weight
+        if self.freeze_last_layer:
+            # A zero gradient rather than none: DDP and ZeRO expect one for every parameter.
+            prototypes = prototypes.detach() + 0.0 * prototypes
+        return F.linear(x, F.normalize(prototypes, dim=-1))
 
 
 class ClassifierHead(nn.Module):
