@@ -15,15 +15,15 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(run_dir, strategy: str = "single", steps: int = 6, batch: int = 8, **sections) -> dict:
+def tiny_recipe(run_dir, name: str = "single", steps: int = 6, batch: int = 8, **sections) -> dict:
     """A 2-block, width-32 specialized ViT on 32 px synthetic data, fp32, logged every step."""
     recipe = {
         "run": {"dir": str(run_dir), "seed": 0, "total_steps": steps},
         "model": {"arch": "vit_tiny_patch16", "spec": "paper",
-                  "overrides": {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 1e-4}},
+                  "overrides": {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 0.1}},
         "method": {"name": "classification", "num_classes": 10},
         "optim": {"name": "adamw", "lr": 2e-3, "warmup_steps": 2, "weight_decay": 0.05, "clip_grad": 1.0},
-        "strategy": {"name": strategy, "precision": "fp32"},
+        "strategy": {"name": name, "precision": "fp32"},
         "checkpoint": {"every": 2, "keep_last": 10},
         "log": {"every": 1, "tensorboard": False},
         "data_source": "synthetic",
@@ -40,7 +40,7 @@ class Recorder:
     def __init__(self, run_dir, rank: int):
         self.path = Path(run_dir) / "steps.jsonl" if rank == 0 else None
 
-    def log(self, step: int, scalars: dict, images_in_step=None) -> None:
+    def log(self, step: int, scalars: dict, images=None, tokens=None) -> None:
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")

@@ -26,6 +26,7 @@ from .strategies import Strategy
 __all__ = ["Trainer", "TrainResult", "seed_everything", "per_rank_batch"]
 
 log = logging.getLogger(__name__)
+_OPT_KEYS = ("lr", "wd", "grad_norm")
 
 
 @dataclass
@@ -85,7 +86,8 @@ class Trainer:
             from .metrics import MetricLogger
 
             self.logger = MetricLogger(self.run_dir, self.strategy.rank, self.cfg.run.total_steps,
-                                       tensorboard=self.cfg.log.tensorboard)
+                                       log_every=self.cfg.log.every, tensorboard=self.cfg.log.tensorboard,
+                                       purge_step=self.step + 1 if self.step else None)
 
     def _resume(self, path: Path) -> None:
         loaded = self.ckpt.load(path, self.method.extra_state_dict())
@@ -160,7 +162,7 @@ class Trainer:
         step_time = time.perf_counter() - t_start
         window.add(step_time, data_time, self.global_batch)
         stats = {"loss": loss_value, **dict(zip(names, values[1:])), "lr": sched["lr"], "wd": sched["wd"],
-                 "grad_norm": result.grad_norm, "skipped_steps": float(self.guard.total)}
+                 "grad_norm": result.grad_norm, "fault/skipped_steps": float(self.guard.total)}
         return stats, stop
 
     # -- logging and saving ---------------------------------------------------------------
@@ -169,23 +171,23 @@ class Trainer:
             return
         from .metrics import memory_stats
 
-        images_per_s = window.images / max(window.time, 1e-9)
-        stats.update(images_per_s=images_per_s, step_time=window.time / window.steps,
-                     data_time=window.data / window.steps, compute_time=(window.time - window.data) / window.steps)
-        if self.tokens_per_sample:
-            stats["tokens_per_s"] = images_per_s * self.tokens_per_sample
+        scalars = {k: v for k, v in stats.items() if k not in _OPT_KEYS}
+        scalars.update({f"opt/{k}": stats[k] for k in _OPT_KEYS})
+        scalars["perf/data_time_s"] = window.data / window.steps
+        scalars["perf/compute_time_s"] = (window.time - window.data) / window.steps
         if self.flops_per_sample:
-            flops = images_per_s * self.flops_per_sample
-            stats["flops_per_s"] = flops
+            flops = window.images / max(window.time, 1e-9) * self.flops_per_sample
+            scalars["perf/flops_per_s"] = flops
             if self.cfg.log.peak_flops > 0:
-                stats["mfu"] = flops / (self.cfg.log.peak_flops * self.strategy.world_size)
-        stats.update({f"memory/{k}": float(v) for k, v in memory_stats().items()})
+                scalars["perf/mfu"] = flops / (self.cfg.log.peak_flops * self.strategy.world_size)
+        scalars.update({f"memory/{k}": v for k, v in memory_stats(self.strategy.device).items()})
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         if "bad_samples" in loader_stats:
-            stats["bad_samples"] = float(loader_stats["bad_samples"])
+            scalars["data/bad_samples"] = float(loader_stats["bad_samples"])
         if self.save_stalls:
-            stats["checkpoint_stall_s"] = self.save_stalls[-1]
-        self.logger.log(self.step, stats, images_in_step=self.global_batch)
+            scalars["checkpoint/stall_s"] = self.save_stalls[-1]
+        tokens = self.global_batch * self.tokens_per_sample if self.tokens_per_sample else None
+        self.logger.log(self.step, scalars, images=self.global_batch, tokens=tokens)
         window.reset()
 
     def _save(self, blocking: bool = False) -> None:

@@ -91,17 +91,6 @@ class Classification(Method):
         return {"images": torch.stack(images), "labels": torch.as_tensor(labels)}
 
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def _resize_normalize(image, size: int) -> torch.Tensor:
-    """RGB PIL image -> normalized (3, size, size) float tensor."""
-    from PIL import Image
-
-    arr = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return (torch.from_numpy(arr).permute(2, 0, 1) - _MEAN) / _STD
-
     def train_flops_per_sample(self) -> float:
         from ..accounting import flop_counter_flops
 
@@ -114,3 +103,15 @@ def _resize_normalize(image, size: int) -> torch.Tensor:
     def tokens_per_sample(self) -> int:
         c = self.backbone.cfg
         return c.grid_size**2 + c.num_prefix_tokens
+
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _resize_normalize(image, size: int) -> torch.Tensor:
+    """RGB PIL image -> normalized (3, size, size) float tensor."""
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return (torch.from_numpy(arr).permute(2, 0, 1) - _MEAN) / _STD
