@@ -2,23 +2,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
 from lspretrain.launch import job as job_module
-from lspretrain.launch.job import RequeueLimitReached, TrainJob
+from lspretrain.launch.job import NotRequeued, TrainJob
 
 
-def finished(argv: list[str]) -> tuple[int, bool]:
-    return 0, False
-
-
-def failed(argv: list[str]) -> tuple[int, bool]:
-    return 3, False
-
-
-def preempted(argv: list[str]) -> tuple[int, bool]:
-    return 0, True
+def _trainer(monkeypatch, code: int, preempted: bool) -> None:
+    monkeypatch.setattr(job_module, "run_trainer", lambda argv: (code, preempted))
 
 
 @pytest.fixture
@@ -32,30 +25,35 @@ def slurm_task(monkeypatch):
                        "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(key, value)
     calls: list[list[str]] = []
-    monkeypatch.setattr(job_module.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(job_module.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
     return calls
 
 
-def test_finished_run_returns_its_code(slurm_task):
-    assert TrainJob(("r.yaml",), 3, entry="test_launch_job:finished")() == 0
+def test_finished_run_returns_its_code(slurm_task, monkeypatch):
+    _trainer(monkeypatch, 0, False)
+    assert TrainJob(("r.yaml",), 3)() == 0
+    _trainer(monkeypatch, 3, False)
     with pytest.raises(RuntimeError, match="trainer exited with code 3"):
-        TrainJob(("r.yaml",), 3, entry="test_launch_job:failed")()
+        TrainJob(("r.yaml",), 3)()
     assert slurm_task == []
 
 
 def test_preempted_below_the_limit_requeues_from_rank_0_and_leaves_no_result(slurm_task, monkeypatch):
+    _trainer(monkeypatch, 75, True)
     with pytest.raises(SystemExit):
-        TrainJob(("r.yaml",), 2, entry="test_launch_job:preempted")()
+        TrainJob(("r.yaml",), 2)()
     assert slurm_task == [["scontrol", "requeue", "42"]]
     monkeypatch.setenv("SLURM_PROCID", "1")
     with pytest.raises(SystemExit):
-        TrainJob(("r.yaml",), 2, entry="test_launch_job:preempted")()
+        TrainJob(("r.yaml",), 2)()
     assert len(slurm_task) == 1  # only rank 0 asks SLURM
 
 
-def test_preempted_at_the_limit_raises_on_every_rank(slurm_task):
-    with pytest.raises(RequeueLimitReached, match=r"after 1 requeue\(s\) \(limit 1\)"):
-        TrainJob(("r.yaml",), 1, entry="test_launch_job:preempted")()
+def test_preempted_at_the_limit_raises_on_every_rank(slurm_task, monkeypatch):
+    _trainer(monkeypatch, 75, True)
+    with pytest.raises(NotRequeued, match=r"after 1 requeue\(s\) \(limit 1\)"):
+        TrainJob(("r.yaml",), 1)()
     assert slurm_task == []
 
 
@@ -63,3 +61,14 @@ def test_checkpoint_resubmits_the_same_job():
     job = TrainJob(("r.yaml", "a=1"), 2)
     delayed = job.checkpoint()
     assert delayed.function == job and delayed.args == () and delayed.kwargs == {}
+
+
+def test_preempted_outside_slurm_or_when_requeue_fails_is_an_error(slurm_task, monkeypatch):
+    _trainer(monkeypatch, 75, True)
+    monkeypatch.setattr(job_module.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "Job has already finished"))
+    with pytest.raises(NotRequeued, match="scontrol requeue 42 failed: Job has already finished"):
+        TrainJob(("r.yaml",), 3)()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(NotRequeued, match="outside SLURM"):
+        TrainJob(("r.yaml",), 3)()

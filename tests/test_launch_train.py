@@ -130,7 +130,7 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch):
     out = _submit(str(RECIPE), "--nodes", "2", "--run-dir", str(run_dir), "--timeout-min", "1",
                   "--max-requeues", "1", *SHORT, "run.total_steps=100000")
     job = _job(out, run_dir)
-    with pytest.raises(submitit.core.utils.FailedJobError, match="RequeueLimitReached"):
+    with pytest.raises(submitit.core.utils.FailedJobError, match="NotRequeued"):
         job.results()
     logs = _logs(job, run_dir)
     assert f"requeued job {job.job_id} (requeue 1 of 1)" in logs

@@ -10,8 +10,8 @@ Preemption and time limits, step by step:
    checkpoint in ``run.dir`` and returns "preempted".
 3. ``TrainJob`` then decides the same thing on every rank from ``SLURM_RESTART_COUNT``: below
    ``max_requeues``, rank 0 runs ``scontrol requeue`` and every rank exits *without* a result,
-   so a waiting ``job.result()`` keeps waiting for the requeued run; at the limit every rank
-   raises, which submitit reports as the job's error.
+   so a waiting ``job.results()`` keeps waiting for the requeued run; at the limit every rank
+   raises ``NotRequeued``, which submitit reports as the job's error.
 4. The requeued job runs this same pickle again; the trainer resumes from the newest complete
    checkpoint in ``run.dir``.
 
@@ -21,47 +21,47 @@ matters is already on disk in ``run.dir``.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import random
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 
-__all__ = ["TrainJob", "RequeueLimitReached"]
+__all__ = ["TrainJob", "NotRequeued"]
 
 
-class RequeueLimitReached(RuntimeError):
-    """Stopped by a signal after the last allowed requeue; the run directory holds the checkpoint."""
+class NotRequeued(RuntimeError):
+    """Stopped by a signal and not requeued (limit reached, no SLURM, job cancelled); the run
+    directory holds the checkpoint."""
 
 
 @dataclass(frozen=True)
 class TrainJob:
     argv: tuple[str, ...]
     max_requeues: int
-    # ``module:function`` taking argv and returning (exit code, preempted); the trainer by default.
-    entry: str = "lspretrain.launch.job:run_trainer"
 
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             _export_local_dist_env(env)
-        code, preempted = _resolve(self.entry)(list(self.argv))
+        code, preempted = run_trainer(list(self.argv))
         if not preempted:
             if code != 0:
                 raise RuntimeError(f"trainer exited with code {code}: {self.argv!r}")
             return code
+        resume = "run the same command again to resume from the checkpoint in the run directory"
+        if "SLURM_JOB_ID" not in os.environ:
+            raise NotRequeued(f"stopped by a signal outside SLURM, where nothing requeues; {resume}")
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if "SLURM_JOB_ID" not in os.environ or restarts >= self.max_requeues:
-            raise RequeueLimitReached(
-                f"stopped by a signal after {restarts} requeue(s) (limit {self.max_requeues}); "
-                f"resubmit the same command to resume from the checkpoint in the run directory"
-            )
+        if restarts >= self.max_requeues:
+            raise NotRequeued(f"stopped by a signal after {restarts} requeue(s) (limit {self.max_requeues}); {resume}")
         if env.global_rank == 0:
-            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+            requeue = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60)
+            if requeue.returncode != 0:  # e.g. the job was cancelled: its SIGTERM stopped the trainer
+                raise NotRequeued(f"scontrol requeue {env.job_id} failed: {requeue.stderr.strip()}; {resume}")
             print(f"requeued job {env.job_id} (requeue {restarts + 1} of {self.max_requeues})", flush=True)
         # SystemExit is not an Exception: submitit writes no result, the client keeps waiting.
         sys.exit(0)
@@ -71,15 +71,11 @@ class TrainJob:
 
 
 def run_trainer(argv: list[str]) -> tuple[int, bool]:
+    """The trainer in this process: (exit code, whether it stopped on a signal)."""
     from lspretrain import train
 
-    result = train.main(argv)
-    return int(result), result == train.EXIT_PREEMPTED
-
-
-def _resolve(entry: str) -> Callable[[list[str]], tuple[int, bool]]:
-    module, _, name = entry.partition(":")
-    return getattr(importlib.import_module(module), name)
+    code = train.main(argv)
+    return code, code == train.EXIT_PREEMPTED
 
 
 def _export_local_dist_env(env: submitit.JobEnvironment) -> None:
