@@ -151,3 +151,43 @@ def spawn(world_size: int, recipe: dict, **kwargs) -> dict:
     """Run ``recipe`` on ``world_size`` gloo ranks (torch.multiprocessing spawn); rank 0's result."""
     mp.spawn(_child, args=(world_size, free_port(), recipe, kwargs), nprocs=world_size, join=True)
     return json.loads(Path(recipe["run"]["dir"], "result_rank0.json").read_text())
+
+
+def _register_ema_method() -> None:
+    """``classification_ema``: the classifier plus an EMA teacher backbone (momentum 0.5) whose
+    loss is logged as ``teacher_loss``, so a test sees whether ``strategy.ema_update`` on
+    sharded parameters gives the 1-rank result."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lspretrain.methods import METHOD_CONFIGS, METHODS, Classification, ClassificationConfig
+
+    class ClassificationEMA(Classification):
+        config_class = ClassificationConfig
+
+        def __init__(self, cfg, model_cfg):
+            super().__init__(cfg, model_cfg)
+            self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
+
+        def sharded_modules(self):
+            return [self.backbone, self.teacher]
+
+        def optimized_module(self):
+            return torch.nn.ModuleDict({"backbone": self.backbone, "head": self.head})
+
+        def get_teacher_output(self, batch, step):
+            return self.head(self.teacher(batch["images"]))
+
+        def compute_losses(self, teacher, logits, batch, step):
+            loss, metrics = super().compute_losses(teacher, logits, batch, step)
+            return loss, {**metrics, "teacher_loss": F.cross_entropy(teacher.float(), batch["labels"]).detach()}
+
+        def after_step(self, step, strategy):
+            strategy.ema_update(self.teacher, self.backbone, 0.5)
+
+    METHODS["classification_ema"] = ClassificationEMA
+    METHOD_CONFIGS["classification_ema"] = ClassificationConfig
+
+
+_register_ema_method()

@@ -114,3 +114,18 @@ def test_entry_point_as_slurm_tasks(tmp_path, reference):
         assert abs(rows[s]["train/loss"] - reference[s]["loss"]) <= TOL
     assert f"step {STEPS}/{STEPS}" in outputs[0]  # the console line, rank 0 only
     assert "step 1/" not in outputs[1]
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "deepspeed-zero3"])
+def test_ema_update_on_sharded_parameters(tmp_path, name):
+    """Teacher EMA through ``strategy.ema_update`` on DTensor shards / ZeRO-3 partitions gives
+    the teacher of a 1-rank run (its loss, logged every step, is the witness)."""
+    ema = {"method": {"name": "classification_ema", "num_classes": 10}}
+    run_worker(tiny_recipe(tmp_path / "ref", "single", steps=5, batch=GLOBAL_BATCH, **ema))
+    strategy = {"name": name.split("-")[0], **DEEPSPEED.get(name, {})}
+    out = spawn(2, tiny_recipe(tmp_path / "dist", "x", steps=5, batch=GLOBAL_BATCH // 2, strategy=strategy, **ema))
+    assert out["status"] == "completed"
+    got, want = read_steps(tmp_path / "dist"), read_steps(tmp_path / "ref")
+    assert got[5]["teacher_loss"] != got[1]["teacher_loss"]  # the teacher moved
+    for s in range(1, 6):
+        assert abs(got[s]["teacher_loss"] - want[s]["teacher_loss"]) <= TOL, s

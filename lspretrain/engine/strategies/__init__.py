@@ -5,7 +5,7 @@ import torch
 
 from ..config import StrategyConfig
 from ..dist import DistEnv
-from .base import StepResult, Strategy, local_tensor
+from .base import StepResult, Strategy, local_tensors
 
 
 def build_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> Strategy:
@@ -22,4 +22,4 @@ def build_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> S
     return cls(cfg, env, device)
 
 
-__all__ = ["build_strategy", "Strategy", "StepResult", "local_tensor"]
+__all__ = ["build_strategy", "Strategy", "StepResult", "local_tensors"]

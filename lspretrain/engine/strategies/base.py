@@ -28,14 +28,14 @@ class StepResult:
     applied: bool
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter: a DTensor's local shard, a ZeRO-3 partition, or the
-    tensor itself."""
+def local_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's storage of a parameter: a DTensor's local shard, a ZeRO-3 partition (plus
+    the full copy ZeRO-3 keeps of small "persistent" parameters), or the tensor itself."""
     if hasattr(t, "to_local"):
-        return t.to_local()
+        return [t.to_local()]
     if hasattr(t, "ds_tensor"):
-        return t.ds_tensor
-    return t.data
+        return [t.ds_tensor, t.data] if getattr(t, "ds_persist", False) else [t.ds_tensor]
+    return [t.data]
 
 
 class Strategy:
@@ -126,8 +126,8 @@ class Strategy:
     def ema_update(self, target: nn.Module, source: nn.Module, momentum: float) -> None:
         """``target = momentum * target + (1 - momentum) * source``, parameter by parameter, on
         the local shards (both modules are sharded alike), so nothing is gathered."""
-        t = [local_tensor(p) for p in target.parameters()]
-        s = [local_tensor(p) for p in source.parameters()]
+        t = [x for p in target.parameters() for x in local_tensors(p)]
+        s = [x for p in source.parameters() for x in local_tensors(p)]
         if len(t) != len(s):
             raise ValueError(f"ema_update: target has {len(t)} parameters, source {len(s)}")
         torch._foreach_lerp_(t, [x.to(y.dtype) for x, y in zip(s, t)], 1.0 - momentum)
