@@ -126,6 +126,9 @@ class SlurmCluster:
             "MinJobAge=60",
             "InactiveLimit=0",
             "JobRequeue=1",
+            # Tasks derive MASTER_PORT from the job id: random first ids keep clusters of test
+            # sessions running side by side on one machine from sharing ports.
+            f"FirstJobId={secrets.randbelow(900_000) + 1000}",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
             f"SlurmctldPidFile={r / 'state' / 'slurmctld.pid'}",

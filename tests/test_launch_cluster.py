@@ -1,7 +1,6 @@
 """The SLURM test cluster itself: two idle nodes, jobs run on both, and nothing outlives it."""
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path

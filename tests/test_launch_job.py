@@ -31,8 +31,10 @@ def slurm_task(monkeypatch):
 
 
 def test_finished_run_returns_its_code(slurm_task, monkeypatch):
-    _trainer(monkeypatch, 0, False)
-    assert TrainJob(("r.yaml",), 3)() == 0
+    monkeypatch.setenv("RANK", "5")  # inherited from a submitter running under torchrun
+    seen: list[str | None] = []
+    monkeypatch.setattr(job_module, "run_trainer", lambda argv: (seen.append(os.environ.get("RANK")), (0, False))[1])
+    assert TrainJob(("r.yaml",), 3)() == 0 and seen == [None]
     _trainer(monkeypatch, 3, False)
     with pytest.raises(RuntimeError, match="trainer exited with code 3"):
         TrainJob(("r.yaml",), 3)()

@@ -32,6 +32,8 @@ import submitit
 
 __all__ = ["TrainJob", "NotRequeued"]
 
+TORCHRUN_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
 
 class NotRequeued(RuntimeError):
     """Stopped by a signal and not requeued (limit reached, no SLURM, job cancelled); the run
@@ -47,6 +49,11 @@ class TrainJob:
         env = submitit.JobEnvironment()
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             _export_local_dist_env(env)
+        else:
+            # sbatch copies the submitter's environment: torchrun variables from there would
+            # override the ranks SLURM gives this task.
+            for key in TORCHRUN_RANK_VARS:
+                os.environ.pop(key, None)
         code, preempted = run_trainer(list(self.argv))
         if not preempted:
             if code != 0:

@@ -78,7 +78,7 @@ class LaunchSpec:
         if self.signal_lead_s >= self.timeout_min * 60:
             raise LaunchError(
                 f"signal lead {self.signal_lead_s} s >= time limit {self.timeout_min} min: the job would be "
-                "told to checkpoint as soon as it starts"
+                "told to checkpoint as soon as it starts; raise --timeout-min or lower signal_lead_s in the site file"
             )
 
 
@@ -88,7 +88,7 @@ def submitit_folder(spec: LaunchSpec) -> Path:
 
 
 def sbatch_parameters(spec: LaunchSpec) -> dict[str, Any]:
-    """``SlurmExecutor.update_parameters`` keywords for ``spec`` (sbatch quotes every value)."""
+    """``SlurmExecutor.update_parameters`` keywords for ``spec`` (submitit shell-quotes each value)."""
     params: dict[str, Any] = {
         "job_name": spec.name,
         "time": spec.timeout_min,
