@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     job = submit(spec)
     print(f"submitted job {job.job_id} ({spec.name}); run dir {spec.run_dir}; logs {submitit_folder(spec)}")
     if spec.local:  # the tasks are children of this process: stay with them
-        job.result()
+        job.results()
         print(f"local job {job.job_id} finished")
     return 0
 
