@@ -1,6 +1,7 @@
 """The SLURM test cluster itself: two idle nodes, jobs run on both, and nothing outlives it."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,3 +45,4 @@ def test_cluster_stops_every_process_even_with_a_running_job():
     time.sleep(0.5)
     assert [pid for pid in daemons + strays if _alive(pid)] == []
     assert cluster.stray_pids() == []
+    shutil.rmtree(cluster.root)
