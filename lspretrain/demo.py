@@ -34,21 +34,6 @@ def fashion_mnist(data_dir: Path) -> dict[str, str]:
     return {split: fashion_mnist_shards(str(data_dir), split) for split in ("train", "test")}
 
 
-def eval_batches(index: str, img_size: int, limit: int, batch_size: int = 500) -> list[dict]:
-    """The first ``limit`` samples of a split, resized and normalised, in a fixed order."""
-    from .data import DataConfig, EvalTransform, build_loader
-
-    cfg = DataConfig(index=index, mode="epoch", batch_size=batch_size, num_workers=0, shuffle_window=1,
-                     shuffle_shards=False)
-    batches, seen = [], 0
-    for batch in build_loader(cfg, EvalTransform(size=img_size, crop_pct=1.0), rank=0, world_size=1):
-        batches.append({"images": batch["images"], "labels": batch["labels"]})
-        seen += len(batch["labels"])
-        if seen >= limit:
-            break
-    return batches
-
-
 def knn(backbone: torch.nn.Module, train: list[dict], test: list[dict]) -> dict[str, float]:
     from .eval import extract_features, knn_accuracy
 
@@ -118,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.config import load_config
 
     img_size = load_config(RECIPE, [f"data.index={shards['train']}", *args.overrides]).method.global_crop_size
-    evals = (eval_batches(shards["train"], img_size, args.knn_train), eval_batches(shards["test"], img_size, args.knn_test))
+    from .eval.data import labelled_batches
+
+    evals = (labelled_batches("", shards["train"], img_size, args.knn_train, 500),
+             labelled_batches("", shards["test"], img_size, args.knn_test, 500))
     runs = [train_one(spec, out, shards, args.steps, evals, args.overrides)
             for spec in [args.spec] + ([args.compare] if args.compare else [])]
     summary = {"runs": runs, "total_wall_time_s": round(time.perf_counter() - start, 1), "shards": shards}

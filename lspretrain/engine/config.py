@@ -22,7 +22,7 @@ from .optim import OptimConfig
 
 __all__ = [
     "RunConfig", "ModelConfig", "FSDPConfig", "DeepSpeedConfig", "StrategyConfig", "CheckpointConfig",
-    "FaultConfig", "LogConfig", "SyntheticDataConfig", "TrainConfig", "ConfigError", "load_config", "save_config",
+    "FaultConfig", "LogConfig", "EvalConfig", "SyntheticDataConfig", "TrainConfig", "ConfigError", "load_config", "save_config",
 ]
 
 
@@ -95,6 +95,22 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (``Method.evaluate``), logged under ``eval/``.
+
+    ``shards``/``index``: the labelled evaluation split (e.g. validation shards); ``train_shards``
+    /``train_index``: labelled training images for methods that need a reference set (k-NN)."""
+
+    every: int = 0  # steps between evaluations; 0: never (the final step is always evaluated when > 0)
+    shards: str = ""
+    index: Optional[str] = None
+    train_shards: str = ""
+    train_index: Optional[str] = None
+    max_samples: int = 10000  # per split
+    batch_size: int = 256
+
+
+@dataclass
 class SyntheticDataConfig:
     """Deterministic in-memory classification data (smoke tests, benchmarks)."""
 
@@ -114,6 +130,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     data_source: Literal["webdataset", "synthetic"] = "webdataset"
     data: Optional[DataConfig] = None
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -210,6 +227,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"strategy.deepspeed.stage={cfg.strategy.deepspeed.stage}: expected 1, 2 or 3")
     if cfg.run.total_steps < 1:
         raise ConfigError(f"run.total_steps={cfg.run.total_steps}: must be >= 1")
+    if cfg.optim.warmup_steps > cfg.run.total_steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds run.total_steps={cfg.run.total_steps}")
+    if cfg.eval.every and not (cfg.eval.shards or cfg.eval.index):
+        raise ConfigError(f"eval.every={cfg.eval.every} needs eval.shards or eval.index (the labelled evaluation split)")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
 

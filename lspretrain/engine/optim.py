@@ -65,7 +65,6 @@ class OptimConfig:
     patch_embed_lr_mult: float = 1.0  # DINOv2: 0.2
     clip_grad: float | None = 3.0  # global grad-norm clip applied by the trainer; None = off
     accum_steps: int = 1
-    freeze_last_layer_steps: int = 0  # DINOv2 freezes the DINO head's last layer; used by the method
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # YAML gives lists
@@ -94,8 +93,6 @@ class OptimConfig:
             fail("warmup_steps", "an integer >= 0")
         if not is_int(self.accum_steps) or self.accum_steps < 1:
             fail("accum_steps", "an integer >= 1")
-        if not is_int(self.freeze_last_layer_steps) or self.freeze_last_layer_steps < 0:
-            fail("freeze_last_layer_steps", "an integer >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             fail("betas", "two values in [0, 1)")
         if not self.eps > 0:

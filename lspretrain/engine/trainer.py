@@ -53,6 +53,7 @@ def per_rank_batch(cfg: TrainConfig) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, method, strategy: Strategy, loader, logger=None):
         self.cfg, self.method, self.strategy, self.loader = cfg, method, strategy, loader
+        method.total_steps = cfg.run.total_steps
         self.run_dir = Path(cfg.run.dir)
         self.micro_batch = per_rank_batch(cfg)
         self.global_batch = self.micro_batch * strategy.world_size * cfg.optim.accum_steps
@@ -120,6 +121,7 @@ class Trainer:
             stats, stop = self._train_step(batches, window)
             self.step += 1
             self._log(stats, window)
+            self._evaluate()
             self.ckpt.poll()
             if stop:
                 self._save(blocking=True)
@@ -189,6 +191,17 @@ class Trainer:
         tokens = self.global_batch * self.tokens_per_sample if self.tokens_per_sample else None
         self.logger.log(self.step, scalars, images=self.global_batch, tokens=tokens)
         window.reset()
+
+    def _evaluate(self) -> None:
+        every = self.cfg.eval.every
+        if not every or (self.step % every and self.step != self.cfg.run.total_steps):
+            return
+        start = time.perf_counter()
+        scalars = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.cfg, self.strategy).items()}
+        if scalars:
+            scalars["eval/time_s"] = time.perf_counter() - start
+            self.logger.log(self.step, scalars)
+            log.info("step %d evaluation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
     def _save(self, blocking: bool = False) -> None:
         state = {"samples_seen": self.step * self.global_batch, **self.guard.state_dict()}

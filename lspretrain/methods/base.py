@@ -20,7 +20,8 @@ state when the checkpoint comes from another world size.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+import contextlib
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model_cfg = model_cfg
+        self.total_steps = 1  # the run's length in optimizer steps, set by the trainer (for a method's own schedules)
 
     # -- what the strategy needs --------------------------------------------------------
     def sharded_modules(self) -> list[nn.Module]:
@@ -73,6 +75,25 @@ class Method(nn.Module):
 
     def after_step(self, step: int, strategy) -> None:
         """Called after every applied optimizer step (teacher EMA, center updates...)."""
+
+    @contextlib.contextmanager
+    def root_unsharded(self) -> Iterator[None]:
+        """For calling a sub-module outside ``forward`` (evaluation): under fsdp2 the root
+        unit's parameters (embeddings, final norms, heads) are gathered only inside the
+        root's forward, so gather them here; the blocks gather their own as they run."""
+        sharded = hasattr(self, "unshard") and hasattr(self, "reshard")  # an FSDPModule
+        if sharded:
+            self.unshard()
+        try:
+            yield
+        finally:
+            if sharded:
+                self.reshard()
+
+    def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
+        """Periodic evaluation (``eval.every`` steps) -> scalars logged under ``eval/``. Called
+        on every rank (sharded forwards need them all); rank 0's values are logged."""
+        return {}
 
     # -- checkpoint ---------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, torch.Tensor]:

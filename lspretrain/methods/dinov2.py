@@ -177,6 +177,25 @@ class DINOv2(Method):
     def after_step(self, step: int, strategy) -> None:
         strategy.ema_update(self.teacher, self.student, self.momentum(step))
 
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, cfg, strategy) -> dict[str, float]:
+        """k-NN (k = 20, cosine, T = 0.07) of the teacher's CLS features: reference images from
+        ``eval.train_shards``/``eval.train_index``, queries from ``eval.shards``/``eval.index``."""
+        from ..eval import extract_features, knn_accuracy
+        from ..eval.data import labelled_batches
+
+        if not hasattr(self, "_eval_sets"):  # decoded once, kept for every evaluation
+            e, size = cfg.eval, self.cfg.global_crop_size
+            if not (e.train_shards or e.train_index):
+                raise ValueError("DINOv2 k-NN evaluation needs eval.train_shards or eval.train_index (labelled reference images)")
+            self._eval_sets = [labelled_batches(shards, index, size, e.max_samples, e.batch_size)
+                               for shards, index in ((e.train_shards, e.train_index), (e.shards, e.index))]
+        device = next(self.teacher.parameters()).device
+        with self.root_unsharded():
+            (xtr, ytr), (xte, yte) = (extract_features(self.teacher.backbone, batches, device) for batches in self._eval_sets)
+        acc = knn_accuracy(xtr, ytr, xte, yte, k=20, temperature=0.07)
+        return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+
     # -- data and accounting ----------------------------------------------------------------
     def build_loader(self, cfg, rank: int, world_size: int):
         from ..data import DINOv2Collate, DINOv2MultiCrop, build_loader
