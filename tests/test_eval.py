@@ -74,3 +74,34 @@ def test_pca_grid_png(tmp_path):
     img = Image.open(path)
     assert img.size == (64 * 5, 20 + 64 * 3)  # input + 2 columns per model; a row per image
     assert len(set(img.crop((64, 20, 128, 84)).getdata())) > 1  # a PCA tile is not flat
+
+
+def test_pca_tool_on_a_run_directory(tmp_path):
+    """tools/pca_features.py on a real training checkpoint (and an exported file) side by side."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from lspretrain.convert import read_source, write
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_helpers import run_worker, tiny_recipe
+
+    run_worker(tiny_recipe(tmp_path / "run", steps=2))
+    write(read_source(tmp_path / "run"), "safetensors", tmp_path / "bb.safetensors")
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"im{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(images[-1])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "tools" / "pca_features.py"), str(tmp_path / "run"),
+                          str(tmp_path / "bb.safetensors"), "--images", *map(str, images), "--out", str(tmp_path / "g.png"),
+                          "--cell", "64"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "g.png").size == (64 * 5, 22 + 64 * 2)
+    bad = subprocess.run([sys.executable, str(root / "tools" / "pca_features.py"), str(tmp_path / "nothing"),
+                          "--images", str(images[0]), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nothing" in bad.stderr
