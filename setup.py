@@ -27,7 +27,9 @@ setup(
         "deepspeed>=0.14",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime"],
+        # transformers: the HF export is checked by loading it with Dinov2Model (it must stay
+        # torchvision-free: never add torchvision or timm here).
+        "test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "transformers>=4.40", "huggingface_hub"],
     },
     entry_points={"console_scripts": ["lspretrain-train=lspretrain.train:main"]},
 )
