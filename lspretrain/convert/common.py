@@ -249,6 +249,19 @@ def require_plain(bb: Backbone, fmt: str, allow_equal_cls: bool = False) -> Back
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def add_dinov2_family_slots(sd: dict[str, torch.Tensor], cfg: ViTConfig, notes: list[str], layout: str) -> None:
+    """The dinov2 repository and HF Dinov2 always have a CLS position and a mask token; add
+    zero ones where our model has none (in place, each addition noted): CLS + 0 = CLS, and the
+    mask token is used only for masked inputs."""
+    if not cfg.pos_embed_cls:
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+        notes.append(f"zero CLS position added ({layout} always has one; CLS + 0 = CLS)")
+    if "mask_token" not in sd:
+        sd["mask_token"] = sd["cls_token"].new_zeros(1, cfg.embed_dim)
+        notes.append(f"zero mask_token added ({layout} always has one; used only for masked inputs)")
+
+
 def cast(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """Floating tensors to ``dtype``, contiguous and detached (safetensors wants both)."""
     target = DTYPES[dtype]

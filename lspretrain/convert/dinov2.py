@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .common import Backbone, Summary, cast, infer_spec, infer_vit_config, require_plain, save_state_dict
+from .common import (
+    Backbone, Summary, add_dinov2_family_slots, cast, infer_spec, infer_vit_config, require_plain, save_state_dict,
+)
 
 __all__ = ["KEY_MAP", "to_dinov2", "from_dinov2", "save", "load"]
 
@@ -38,13 +40,7 @@ def to_dinov2(bb: Backbone, allow_equal_cls: bool = False) -> tuple[dict[str, to
     for ours, theirs in KEY_MAP:
         if ours in sd:
             sd[theirs] = sd.pop(ours)
-    if not cfg.pos_embed_cls:
-        pos = sd["pos_embed"]
-        sd["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
-        notes.append("zero CLS position added (dinov2 always has one; CLS + 0 = CLS)")
-    if "mask_token" not in sd:
-        sd["mask_token"] = sd["cls_token"].new_zeros(1, cfg.embed_dim)
-        notes.append("zero mask_token added (dinov2 always has one; used only for iBOT masking)")
+    add_dinov2_family_slots(sd, cfg, notes, "dinov2")
     model_args = dict(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .common import Backbone, ConversionError, Summary, cast, infer_spec, infer_vit_config, load_tensor_file, require_plain
+from .common import (
+    Backbone, ConversionError, Summary, add_dinov2_family_slots, cast, infer_spec, infer_vit_config, load_tensor_file,
+    require_plain,
+)
 
 __all__ = ["EMBED_MAP", "BLOCK_MAP", "to_hf", "from_hf", "save", "load"]
 
@@ -61,13 +64,7 @@ def to_hf(bb: Backbone, allow_equal_cls: bool = False) -> tuple[dict[str, torch.
     bb = require_plain(bb, "hf", allow_equal_cls)
     cfg, notes = bb.config, list(bb.notes)
     src = dict(bb.state_dict)
-    if not cfg.pos_embed_cls:
-        pos = src["pos_embed"]
-        src["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
-        notes.append("zero CLS position added (HF Dinov2 always has one; CLS + 0 = CLS)")
-    if "mask_token" not in src:
-        src["mask_token"] = src["cls_token"].new_zeros(1, cfg.embed_dim)
-        notes.append("zero mask_token added (HF Dinov2 always has one; used only for masked inputs)")
+    add_dinov2_family_slots(src, cfg, notes, "HF Dinov2")
     if cfg.layerscale_init is None:
         for i in range(cfg.depth):
             for ls in ("ls1", "ls2"):
