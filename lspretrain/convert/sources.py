@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..engine.safe_load import deepspeed_weights_only
 from ..models import get_spec, vit_config
 from .common import Backbone, ConversionError, infer_spec, infer_vit_config, select_backbone
 
@@ -99,39 +100,16 @@ def _read_dcp(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], s
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 
-class _WeightsOnlyTorch:
-    """Stands in for ``torch`` inside DeepSpeed's ``zero_to_fp32`` while it runs, so that every
-    file it opens is loaded weights-only (it asks for ``weights_only=False``)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, map_location=None, mmap=None, weights_only=None):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        # Plain data holders (an enum, a namedtuple-like record, a few scaler numbers): allowing
-        # them lets no callable from the file run.
-        with torch.serialization.safe_globals([ZeroStageEnum, fragment_address, LossScaler]):
-            return torch.load(f, map_location=map_location, mmap=mmap, weights_only=True)
-
-
 def _read_deepspeed(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], str]:
     from deepspeed.utils import zero_to_fp32
 
     tag_dir = _deepspeed_tag_dir(path)
-    original = zero_to_fp32.torch
-    zero_to_fp32.torch = _WeightsOnlyTorch()
     try:
-        with contextlib.redirect_stdout(None):
+        with deepspeed_weights_only(), contextlib.redirect_stdout(None):
             # ZeRO 1/2/3 alike: the fp32 master weights, merged from every rank's partition.
             full = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except pickle.UnpicklingError as err:
         raise ConversionError(f"{tag_dir}: refused to unpickle a DeepSpeed file holding more than weights: {err}") from None
-    finally:
-        zero_to_fp32.torch = original
     prefix = select_backbone(full, which, str(tag_dir))
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, prefix
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..optim import OptimConfig, build_optimizer, param_groups
+from ..safe_load import deepspeed_weights_only
 from .base import StepResult, Strategy
 
 TAG = "zero"
@@ -94,8 +95,9 @@ class DeepSpeedStrategy(Strategy):
         return None  # DeepSpeed has no asynchronous save here: always synchronous
 
     def load_checkpoint(self, path: Path, extra: dict) -> dict:
-        loaded, _ = self.module.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+        with deepspeed_weights_only():  # DeepSpeed itself would unpickle anything
+            loaded, _ = self.module.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {TAG!r} under {path}")
         file = Path(path) / f"method_rank{self.rank:05d}.pt"
