@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         total, every = self.cfg.run.total_steps, self.cfg.checkpoint.every
-        batches = iter(self.loader)
+        batches = self._batches()
         window = _Window()
         while self.step < total:
             stats, stop = self._train_step(batches, window)
@@ -131,6 +131,18 @@ class Trainer:
         if self.cfg.checkpoint.save_final:
             self._save(blocking=True)
         return self._result("completed")
+
+    def _batches(self) -> Iterator[dict]:
+        """The loader's batches without end: an epoch-mode loader ends each epoch, and a new
+        ``iter()`` starts the next one (its state moves on by itself)."""
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError("the data loader gave no batch for a whole epoch: fewer samples per rank "
+                                   "than data.batch_size with data.drop_last=true?")
 
     def _train_step(self, batches, window: "_Window") -> tuple[dict[str, float], bool]:
         s, optim_cfg = self.strategy, self.cfg.optim
@@ -186,6 +198,8 @@ class Trainer:
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         if "bad_samples" in loader_stats:
             scalars["data/bad_samples"] = float(loader_stats["bad_samples"])
+        if getattr(self.loader, "cfg", None) is not None and self.loader.cfg.mode == "epoch":
+            scalars["data/epoch"] = float(self.loader.epoch)
         if self.save_stalls:
             scalars["checkpoint/stall_s"] = self.save_stalls[-1]
         tokens = self.global_batch * self.tokens_per_sample if self.tokens_per_sample else None

@@ -1,17 +1,38 @@
-"""Supervised image classification: a backbone plus a linear head on the normalized CLS token.
+"""Supervised image classification, up to the DeiT-III recipe: a backbone plus a linear head on
+the normalized CLS token.
 
-Losses: cross-entropy with optional label smoothing, or binary cross-entropy (DeiT-III) on
-one-hot / soft targets, optionally binarized at a threshold (DeiT-III binarizes mixup targets).
-A batch holds ``images`` (B, 3, H, W) and ``labels``: class indices (B,) or soft targets (B, K).
-The DeiT-III method extends this one (augmentations, mixup).
+Losses: cross-entropy with optional label smoothing (fine-tuning), or binary cross-entropy
+(DeiT-III pretraining) on one-hot or Mixup/CutMix targets, binarized as DeiT-III does
+(``targets.gt(0.0)``: both classes of a mixed pair are positives, whatever lambda).
+
+Data (``build_loader``): ``augment`` picks the per-sample geometry (3-Augment's RandomResizedCrop
+or Simple Random Crop; ``resize`` for none), whose batched photometric half (one of grayscale /
+solarize / blur, then colour jitter) runs in ``SupervisedCollate`` together with Mixup/CutMix.
+
+Repeated augmentation on a stream: each decoded image yields ``repeats`` independently augmented
+views, adjacent in the same per-rank batch; the loader reads ``ceil(data.batch_size / repeats)``
+distinct images per step, so the batch size (and every lr scaling) still counts views. DeiT's
+RASampler instead sends the repeats of an index to different GPUs and shortens the epoch so the
+step count is unchanged; here the step budget is also unchanged (``run.total_steps``), each image
+is decoded once per ``repeats`` views (cheaper), and the loader's epochs pass ``repeats`` times
+more slowly. The cost: the views of one image share a rank's micro-batch, so its gradient is a
+little more correlated (harmless for LayerNorm ViTs, no batch statistics), and Mixup pairs image
+i with B-1-i, another image except for the middle one when B/repeats is odd.
+
+Optional model EMA (``ema_momentum`` > 0), updated by ``strategy.ema_update`` on local shards and
+evaluated beside the model. ``init_from`` starts from a backbone file or a training run (the
+positional embedding is resampled to this resolution: DeiT-III's 192 -> 224 px fine-tune).
+
+A batch holds ``images`` (B, 3, H, W), ``labels`` (B,) and, with Mixup/CutMix, ``targets`` (B, K).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Literal
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +41,7 @@ from ..engine.config import ModelConfig, TrainConfig
 from ..models import build_backbone
 from .base import Method
 
-__all__ = ["ClassificationConfig", "Classification"]
+__all__ = ["ClassificationConfig", "Classification", "RepeatedViews", "RepeatedCollate", "topk_accuracy"]
 
 
 @dataclass
@@ -28,9 +49,99 @@ class ClassificationConfig:
     name: str = "classification"
     num_classes: int = 1000
     loss: Literal["ce", "bce"] = "ce"
-    label_smoothing: float = 0.0  # ce only
-    bce_threshold: float = 0.0  # bce: targets > threshold become 1 (0: keep soft targets)
+    label_smoothing: float = 0.0
+    bce_binarize: bool = True  # bce: targets > bce_threshold become 1 (DeiT-III: gt(0.0))
+    bce_threshold: float = 0.0
     head_init_std: float = 0.01
+    # data (webdataset only; the synthetic stream is used as is)
+    augment: Literal["resize", "three_augment", "simple_random_crop"] = "resize"
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # three_augment crop area range
+    color_jitter: float = 0.3
+    mixup_alpha: float = 0.0  # 0 and cutmix_alpha 0: no Mixup/CutMix
+    cutmix_alpha: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    repeats: int = 1  # repeated augmentation: views per decoded image (DeiT: 3)
+    ema_momentum: float = 0.0  # model EMA; 0: none (DeiT: 0.99996)
+    # initialization (fine-tuning): backbone file or run directory / checkpoint step directory
+    init_from: str = ""
+    init_which: Optional[str] = None  # backbone in a training checkpoint: model / ema (lspretrain.convert)
+    init_head: bool = False  # also take the head (a training checkpoint with the same num_classes)
+
+    def __post_init__(self) -> None:
+        def fail(key: str, expected: str) -> None:
+            raise ValueError(f"method.{key}={getattr(self, key)!r}: expected {expected}")
+
+        if self.loss not in ("ce", "bce"):
+            fail("loss", "'ce' or 'bce'")
+        if self.augment not in ("resize", "three_augment", "simple_random_crop"):
+            fail("augment", "'resize', 'three_augment' or 'simple_random_crop'")
+        if self.num_classes < 1:
+            fail("num_classes", ">= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            fail("label_smoothing", "a value in [0, 1)")
+        if self.loss == "bce" and self.bce_binarize and self.label_smoothing > 0:
+            fail("label_smoothing", "0 with loss=bce and bce_binarize=true (every class would be a positive)")
+        if self.repeats < 1:
+            fail("repeats", ">= 1")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            fail("ema_momentum", "a value in [0, 1) (0: no EMA)")
+        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            fail("rrc_scale", "[min, max] with 0 < min <= max <= 1")
+        if self.init_head and not self.init_from:
+            fail("init_head", "false without method.init_from")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+@dataclass
+class RepeatedViews:
+    """Per-sample transform giving ``repeats`` independent views of one decoded image, stacked."""
+
+    transform: Callable
+    repeats: int
+
+    @property
+    def photometric(self):
+        return getattr(self.transform, "photometric", None)
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.repeats)])
+
+
+@dataclass
+class RepeatedCollate:
+    """Unstacks ``RepeatedViews`` samples into one sample per view (views of an image adjacent),
+    keeping the first ``batch_size``: when it is not a multiple of the repeats, the last image
+    gives fewer views (DeiT's 64 per GPU with 3 repeats)."""
+
+    collate: Callable
+    batch_size: int
+
+    def __call__(self, samples: list[dict]) -> dict:
+        views = [{**s, "image": view} for s in samples for view in s["image"]]
+        return self.collate(views[: self.batch_size])
+
+
+@torch.no_grad()
+def topk_accuracy(backbone: nn.Module, head: nn.Module, batches: list[dict], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracies (%) of ``head(backbone(images))`` over ``{"images", "labels"}`` batches."""
+    was_training = backbone.training
+    backbone.eval()
+    weight = head.weight  # device and dtype of the (unsharded) parameters
+    hits, n = torch.zeros(len(ks)), 0
+    for batch in batches:
+        logits = head(backbone(batch["images"].to(weight.device, weight.dtype)))
+        top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices.cpu()
+        hit = top == batch["labels"].view(-1, 1)
+        hits += torch.tensor([hit[:, :k].any(-1).sum().item() for k in ks], dtype=torch.float32)
+        n += len(batch["labels"])
+    backbone.train(was_training)
+    if not n:
+        raise ValueError("topk_accuracy: the evaluation data gave no batch")
+    return {f"top{k}": 100.0 * h.item() / n for k, h in zip(ks, hits)}
 
 
 class Classification(Method):
@@ -42,33 +153,70 @@ class Classification(Method):
         self.head = nn.Linear(self.backbone.embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
         nn.init.zeros_(self.head.bias)
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
+        # Not optimized: follows the model through after_step (deep copy: same init, same sharding).
+        self.ema = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "head": self.head})).requires_grad_(False) \
+            if cfg.ema_momentum > 0 else None
+
+    def _init_from(self, path: str) -> None:
+        from ..convert import read_source
+
+        src = read_source(path, self.cfg.init_which)
+        try:  # strict; VisionTransformer.load_state_dict resamples pos_embed to this grid
+            self.backbone.load_state_dict({k: v.float() for k, v in src.state_dict.items()})
+        except RuntimeError as err:
+            raise ValueError(f"method.init_from={path!r}: backbone does not fit model.arch/spec/overrides: {err}") from None
+        if self.cfg.init_head:
+            head = _read_head(Path(path), "ema." if self.cfg.init_which == "ema" else "")
+            if head["weight"].shape != self.head.weight.shape:
+                raise ValueError(f"method.init_head=true: the head in {path} is {tuple(head['weight'].shape)} "
+                                 f"(classes x width), this model's is {tuple(self.head.weight.shape)}; "
+                                 "set method.init_head=false to start a fresh head")
+            self.head.load_state_dict(head)
 
     def sharded_modules(self) -> list[nn.Module]:
-        return [self.backbone]
+        return [self.backbone] + ([self.ema.backbone] if self.ema is not None else [])
+
+    def optimized_module(self) -> nn.Module:
+        # Same parameter names as on the method, without the EMA copy.
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head}) if self.ema is not None else self
 
     def get_student_output(self, batch: dict, step: int) -> torch.Tensor:
         return self.head(self.backbone(batch["images"]))
 
     def compute_losses(self, teacher, logits: torch.Tensor, batch: dict, step: int):
-        logits = logits.float()
-        labels = batch["labels"]
-        if labels.ndim == 1:
-            loss = self._loss(logits, F.one_hot(labels, logits.shape[-1]).float(), labels)
-            hard = labels
+        logits, labels, targets = logits.float(), batch["labels"], batch.get("targets")
+        smoothing = self.cfg.label_smoothing if targets is None else 0.0  # MixupCutmix smoothed its targets
+        if self.cfg.loss == "bce":
+            if targets is None:
+                k = logits.shape[-1]
+                targets = F.one_hot(labels, k).float() * (1.0 - smoothing) + smoothing / k
+            loss = F.binary_cross_entropy_with_logits(logits, targets.float())
         else:
-            loss = self._loss(logits, labels.float(), None)
-            hard = labels.argmax(-1)
-        acc = (logits.argmax(-1) == hard).float().mean()
+            loss = F.cross_entropy(logits, labels if targets is None else targets.float(), label_smoothing=smoothing)
+        acc = (logits.argmax(-1) == labels).float().mean()
         return loss, {"loss_cls": loss.detach(), "acc1": acc}
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.loss == "bce":
-            if self.cfg.bce_threshold > 0:
-                targets = (targets > self.cfg.bce_threshold).float()
-            return F.binary_cross_entropy_with_logits(logits, targets)
-        if indices is not None:
-            return F.cross_entropy(logits, indices, label_smoothing=self.cfg.label_smoothing)
-        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+    def after_step(self, step: int, strategy) -> None:
+        if self.ema is not None:
+            strategy.ema_update(self.ema, self.optimized_module(), self.cfg.ema_momentum)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
+        """Top-1/top-5 (%) on ``eval.shards``/``eval.index`` (resized to the model's resolution),
+        of the model and of its EMA (``ema_top1``...). Every rank evaluates the same images."""
+        from ..eval.data import labelled_batches
+
+        if not hasattr(self, "_eval_batches"):  # decoded once, kept for every evaluation
+            e = cfg.eval
+            self._eval_batches = labelled_batches(e.shards, e.index, self.backbone.cfg.img_size, e.max_samples, e.batch_size)
+        models = {"": (self.backbone, self.head)}
+        if self.ema is not None:
+            models["ema_"] = (self.ema.backbone, self.ema.head)
+        with self.root_unsharded():
+            return {prefix + k: v for prefix, (backbone, head) in models.items()
+                    for k, v in topk_accuracy(backbone, head, self._eval_batches).items()}
 
     # -- data and accounting ------------------------------------------------------------
     def build_loader(self, cfg: TrainConfig, rank: int, world_size: int):
@@ -77,19 +225,38 @@ class Classification(Method):
 
             s = cfg.synthetic
             return SyntheticLoader(s.batch_size, s.img_size, s.num_classes, s.seed, rank, world_size)
-        from ..data import build_loader
+        from ..data import SupervisedCollate, build_loader
 
-        return build_loader(cfg.data, self.transform(), self.collate, rank=rank, world_size=world_size)
+        data, r = cfg.data, self.cfg.repeats
+        transform = self.transform()
+        collate = SupervisedCollate(photometric=getattr(transform, "photometric", None), mixup=self.mixup())
+        if r > 1:  # batch_size counts views: read ceil(batch_size / repeats) images
+            transform, collate = RepeatedViews(transform, r), RepeatedCollate(collate, data.batch_size)
+            data = dataclasses.replace(data, batch_size=-(-data.batch_size // r))
+        return build_loader(data, transform, collate, rank=rank, world_size=world_size)
 
     def transform(self):
-        """Resize + ImageNet normalization (no augmentation; DeiT-III supplies 3-Augment)."""
-        return functools.partial(_resize_normalize, size=self.backbone.cfg.img_size)
+        """Per-sample geometry at the model's resolution; ``.photometric`` (if any) is batched."""
+        from ..data import EvalTransform, SimpleRandomCrop, ThreeAugment, ThreeAugmentPhotometric
 
-    @staticmethod
-    def collate(samples: list) -> dict:
-        images, labels = zip(*samples)
-        return {"images": torch.stack(images), "labels": torch.as_tensor(labels)}
+        c, size = self.cfg, self.backbone.cfg.img_size
+        photometric = ThreeAugmentPhotometric(jitter=c.color_jitter)
+        if c.augment == "three_augment":
+            return ThreeAugment(size=size, scale=tuple(c.rrc_scale), photometric=photometric)
+        if c.augment == "simple_random_crop":
+            return SimpleRandomCrop(size=size, photometric=photometric)
+        return EvalTransform(size=size, crop_pct=1.0)  # resize + normalize, no augmentation
 
+    def mixup(self):
+        from ..data import MixupCutmix
+
+        c = self.cfg
+        if not c.mixes:
+            return None
+        binarize = c.loss == "bce" and c.bce_binarize
+        return MixupCutmix(num_classes=c.num_classes, mixup_alpha=c.mixup_alpha, cutmix_alpha=c.cutmix_alpha,
+                           prob=c.mixup_prob, switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing,
+                           binarize=binarize, bce_threshold=c.bce_threshold)
 
     def train_flops_per_sample(self) -> float:
         from ..accounting import flop_counter_flops
@@ -105,13 +272,21 @@ class Classification(Method):
         return c.grid_size**2 + c.num_prefix_tokens
 
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+def _read_head(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """``head.weight``/``head.bias`` (or ``ema.head.*``) of a DCP training checkpoint: a run
+    directory (newest complete step), a ``step_N`` directory or its ``state/``."""
+    import torch.distributed.checkpoint as dcp
 
+    from ..convert.sources import is_dcp, newest_checkpoint
 
-def _resize_normalize(image, size: int) -> torch.Tensor:
-    """RGB PIL image -> normalized (3, size, size) float tensor."""
-    from PIL import Image
-
-    arr = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    return (torch.from_numpy(arr).permute(2, 0, 1) - _MEAN) / _STD
+    state = next((p for p in (path, path / "state") if is_dcp(p)), None) or newest_checkpoint(path) / "state"
+    if not is_dcp(state):
+        raise ValueError(f"method.init_head=true needs a DCP training checkpoint (fsdp2/ddp/single); {state} is not one")
+    reader = dcp.FileSystemReader(str(state))
+    meta = reader.read_metadata().state_dict_metadata
+    keys = {f"model.{prefix}head.{n}": n for n in ("weight", "bias")}
+    if not all(k in meta for k in keys):
+        raise ValueError(f"method.init_head=true: {state} has no {sorted(keys)}")
+    sd = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    return {n: sd[k].float() for k, n in keys.items()}
