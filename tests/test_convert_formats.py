@@ -283,3 +283,26 @@ def test_pickle_carrying_code_is_refused(tmp_path, how):
     code = f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.load({str(tmp_path / 'live.pt')!r}, weights_only=False)"
     subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert live.exists()
+
+
+def test_deepspeed_engine_loads_are_weights_only(tmp_path):
+    """The deepspeed strategy's resume goes through DeepSpeed's checkpoint engine, which asks
+    for ``weights_only=False``; inside ``deepspeed_weights_only()`` a code-carrying file is refused
+    and a weights file still loads."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from lspretrain.engine.safe_load import deepspeed_weights_only
+
+    marker = tmp_path / "pwned"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _Payload(marker)}, tmp_path / "evil_model_states.pt")
+    torch.save({"module": {"w": torch.ones(2)}}, tmp_path / "good_model_states.pt")
+    engine = TorchCheckpointEngine()
+    with deepspeed_weights_only():
+        with pytest.raises(pickle.UnpicklingError):
+            engine.load(str(tmp_path / "evil_model_states.pt"))
+        assert torch.equal(engine.load(str(tmp_path / "good_model_states.pt"))["module"]["w"], torch.ones(2))
+    assert not marker.exists()
+    assert torch_checkpoint_engine.torch is torch  # DeepSpeed's own torch is back afterwards
