@@ -1,6 +1,6 @@
 """Multi-process gloo runs of the tiny model: every strategy against a 1-rank reference on the
 same global batch (fp32, fixed seed), exact resume after a SIGTERM, fsdp2 resharding 2 -> 1
-and 2 -> 3 ranks, and the entry point launched as SLURM tasks."""
+and 2 -> 3 ranks, hybrid sharding on a 2 x 2 mesh, and the entry point launched as SLURM tasks."""
 from __future__ import annotations
 
 import json
@@ -83,6 +83,17 @@ def test_strategy_matches_reference_across_resume(tmp_path, reference, name):
     out = spawn(2, r, signal_at=2)
     assert out["status"] == "preempted" and out["step"] == 3
     out = spawn(2, r)
+    assert out["status"] == "completed" and out["step"] == STEPS
+    assert_close(read_steps(tmp_path), reference, range(1, STEPS + 1))
+
+
+def test_fsdp2_hybrid_sharding_matches_reference_across_resume(tmp_path, reference):
+    """4 ranks as 2 "nodes" x 2: shard inside a node, replicate across (a 2-D mesh); stopped by
+    SIGTERM after step 3 and resumed, every step matches the 1-rank run."""
+    r = recipe(tmp_path, "fsdp2", 4, strategy={"fsdp": {"replicate_nodes": 2}})
+    out = spawn(4, r, signal_at=2)
+    assert out["status"] == "preempted" and out["step"] == 3 and out["world_size"] == 4
+    out = spawn(4, r)
     assert out["status"] == "completed" and out["step"] == STEPS
     assert_close(read_steps(tmp_path), reference, range(1, STEPS + 1))
 
