@@ -105,3 +105,19 @@ def test_pca_tool_on_a_run_directory(tmp_path):
     bad = subprocess.run([sys.executable, str(root / "tools" / "pca_features.py"), str(tmp_path / "nothing"),
                           "--images", str(images[0]), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nothing" in bad.stderr
+
+
+def test_evaluation_images_cached_when_small_streamed_when_large(tmp_path):
+    from data_fixtures import make_shards
+    from lspretrain.eval.data import LabelledImages, evaluation_images
+
+    spec = make_shards(str(tmp_path), n=30, per_shard=8, size=12)
+    cached = evaluation_images(spec, None, 16, 25, 10, cache_bytes=1 << 20)  # 25 x 3 x 16 x 16 x 4 = 77 KB
+    streamed = evaluation_images(spec, None, 16, 25, 10, cache_bytes=50_000)
+    assert isinstance(cached, list) and isinstance(streamed, LabelledImages)
+    assert [len(b["labels"]) for b in cached] == [10, 10, 5]  # exactly max_samples
+    for _ in range(2):  # a stream decodes the same images again at each evaluation
+        again = list(streamed)
+        assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+                   for a, b in zip(cached, again)) and len(again) == len(cached)
+    assert cached[0]["images"].shape == (10, 3, 16, 16)

@@ -108,6 +108,7 @@ class EvalConfig:
     train_index: Optional[str] = None
     max_samples: int = 10000  # per split
     batch_size: int = 256
+    cache_gib: float = 2.0  # decoded evaluation images kept in memory up to this size per split; streamed above
 
 
 @dataclass

@@ -31,7 +31,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +126,7 @@ class RepeatedCollate:
 
 
 @torch.no_grad()
-def topk_accuracy(backbone: nn.Module, head: nn.Module, batches: list[dict], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def topk_accuracy(backbone: nn.Module, head: nn.Module, batches: Iterable[dict], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Top-k accuracies (%) of ``head(backbone(images))`` over ``{"images", "labels"}`` batches."""
     was_training = backbone.training
     backbone.eval()
@@ -206,11 +206,12 @@ class Classification(Method):
     def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
         """Top-1/top-5 (%) on ``eval.shards``/``eval.index`` (resized to the model's resolution),
         of the model and of its EMA (``ema_top1``...). Every rank evaluates the same images."""
-        from ..eval.data import labelled_batches
+        from ..eval.data import evaluation_images
 
-        if not hasattr(self, "_eval_batches"):  # decoded once, kept for every evaluation
+        if not hasattr(self, "_eval_batches"):  # decoded once when they fit in eval.cache_gib
             e = cfg.eval
-            self._eval_batches = labelled_batches(e.shards, e.index, self.backbone.cfg.img_size, e.max_samples, e.batch_size)
+            self._eval_batches = evaluation_images(e.shards, e.index, self.backbone.cfg.img_size, e.max_samples,
+                                                   e.batch_size, e.cache_gib * 2**30)
         models = {"": (self.backbone, self.head)}
         if self.ema is not None:
             models["ema_"] = (self.ema.backbone, self.ema.head)

@@ -182,13 +182,13 @@ class DINOv2(Method):
         """k-NN (k = 20, cosine, T = 0.07) of the teacher's CLS features: reference images from
         ``eval.train_shards``/``eval.train_index``, queries from ``eval.shards``/``eval.index``."""
         from ..eval import extract_features, knn_accuracy
-        from ..eval.data import labelled_batches
+        from ..eval.data import evaluation_images
 
-        if not hasattr(self, "_eval_sets"):  # decoded once, kept for every evaluation
+        if not hasattr(self, "_eval_sets"):  # decoded once when they fit in eval.cache_gib
             e, size = cfg.eval, self.cfg.global_crop_size
             if not (e.train_shards or e.train_index):
                 raise ValueError("DINOv2 k-NN evaluation needs eval.train_shards or eval.train_index (labelled reference images)")
-            self._eval_sets = [labelled_batches(shards, index, size, e.max_samples, e.batch_size)
+            self._eval_sets = [evaluation_images(shards, index, size, e.max_samples, e.batch_size, e.cache_gib * 2**30)
                                for shards, index in ((e.train_shards, e.train_index), (e.shards, e.index))]
         device = next(self.teacher.parameters()).device
         with self.root_unsharded():
