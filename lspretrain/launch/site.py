@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from .spec import SlurmOptions
+
 __all__ = ["SiteDefaults", "SiteConfigError", "site_config_path", "load_site_defaults"]
 
 ENV_VAR = "LSPRETRAIN_SITE_CONFIG"
@@ -38,18 +40,8 @@ class SiteConfigError(ValueError):
     """The site file is missing (when named explicitly) or holds an unknown key or a bad value."""
 
 
-@dataclass(frozen=True)
-class SiteDefaults:
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    exclude: str | None = None
-    timeout_min: int = 60
-    mem_gb: int = 0
-    cpus_per_task: int = 0  # 0: SLURM's default
-    max_requeues: int = 3
-    signal_lead_s: int = 120
+@dataclass(frozen=True, kw_only=True)
+class SiteDefaults(SlurmOptions):
     run_root: str = "runs"
     sbatch: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
@@ -90,5 +82,5 @@ def load_site_defaults(path: Path | None = None) -> SiteDefaults:
 
 def _expected_type(key: str) -> type:
     return {"sbatch": dict, "setup": list}.get(key) or (
-        int if key in ("timeout_min", "mem_gb", "cpus_per_task", "max_requeues", "signal_lead_s") else str
+        int if isinstance(getattr(SlurmOptions(), key, None), int) else str
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchError", "LaunchSpec", "check_partition", "sbatch_parameters", "sbatch_script", "submitit_folder"]
+__all__ = ["LaunchError", "LaunchSpec", "SlurmOptions", "check_partition", "sbatch_parameters", "sbatch_script", "submitit_folder"]
 
 # submitit picks its preemption signal from this variable at import time, in the client and in
 # the job; USR1 is the signal the trainer itself turns into "checkpoint at the next step".
@@ -26,14 +26,10 @@ class LaunchError(ValueError):
     """A launch request that cannot work; raised before anything is submitted."""
 
 
-@dataclass(frozen=True)
-class LaunchSpec:
-    recipe: Path
-    run_dir: Path
-    name: str
-    nodes: int = 1
-    gpus_per_node: int = 0
-    overrides: tuple[str, ...] = ()
+@dataclass(frozen=True, kw_only=True)
+class SlurmOptions:
+    """The SLURM settings a site file can default and a launch resolves (one definition for both)."""
+
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -41,9 +37,19 @@ class LaunchSpec:
     exclude: str | None = None
     timeout_min: int = 60
     mem_gb: int = 0
-    cpus_per_task: int = 0
+    cpus_per_task: int = 0  # 0: SLURM's default
     max_requeues: int = 3
     signal_lead_s: int = 120
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchSpec(SlurmOptions):
+    recipe: Path
+    run_dir: Path
+    name: str
+    nodes: int = 1
+    gpus_per_node: int = 0
+    overrides: tuple[str, ...] = ()
     sbatch_extra: dict[str, Any] = field(default_factory=dict)
     setup: tuple[str, ...] = ()
     local: bool = False

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import submitit
 
 from .job import TrainJob
 from .site import SiteConfigError, SiteDefaults, load_site_defaults
-from .spec import LaunchError, LaunchSpec, check_partition, sbatch_parameters, sbatch_script, submitit_folder
+from .spec import LaunchError, LaunchSpec, SlurmOptions, check_partition, sbatch_parameters, sbatch_script, submitit_folder
 
 __all__ = ["build_spec", "main", "parse_args", "submit"]
 
@@ -38,8 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def build_spec(args: argparse.Namespace, site: SiteDefaults) -> LaunchSpec:
     name = args.name or args.recipe.stem
 
-    def pick(key: str):  # the flag when given, else the site default
-        value = getattr(args, key)
+    def pick(key: str):  # the flag when given, else the site default (signal_lead_s has no flag)
+        value = getattr(args, key, None)
         return getattr(site, key) if value is None else value
 
     return LaunchSpec(
@@ -49,9 +50,7 @@ def build_spec(args: argparse.Namespace, site: SiteDefaults) -> LaunchSpec:
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         overrides=tuple(args.overrides),
-        **{k: pick(k) for k in ("partition", "account", "qos", "constraint", "exclude", "timeout_min",
-                                "mem_gb", "cpus_per_task", "max_requeues")},
-        signal_lead_s=site.signal_lead_s,
+        **{f.name: pick(f.name) for f in fields(SlurmOptions)},
         sbatch_extra=dict(site.sbatch),
         setup=tuple(site.setup),
         local=args.local,
