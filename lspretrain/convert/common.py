@@ -5,6 +5,7 @@ and the summary of what was written.
 """
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from dataclasses import dataclass, field, fields
@@ -278,6 +279,28 @@ def save_state_dict(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str, 
         save_file(sd, str(out), metadata={"format": "pt", **metadata})
     else:
         torch.save(sd, out)
+
+
+def backbone_from_released(sd: dict[str, torch.Tensor], source: str, num_heads: int | None, model_args: dict,
+                           notes: list[str] | None = None) -> Backbone:
+    """A ``Backbone`` from a state dict already renamed to our keys; ``model_args`` (the
+    constructor arguments a timm/dinov2 file may carry) settle what the tensors cannot show."""
+    vit = infer_vit_config(sd, source, num_heads or model_args.get("num_heads"), layerscale_init=model_args.get("init_values"))
+    return Backbone(sd, vit, infer_spec(sd, vit["depth"]), source, list(notes or []))
+
+
+def save_released(fmt: str, sd: dict[str, torch.Tensor], model_args: dict, notes: list[str], out: Path, dtype: str,
+                  args_label: str) -> "Summary":
+    """A released-layout state dict with the constructor arguments that rebuild its model, as
+    ``{fmt}_model_args`` in the safetensors header (read back by ``released_model_args``)."""
+    sd = cast(sd, dtype)
+    args = json.dumps(model_args)
+    save_state_dict(sd, out, {f"{fmt}_model_args": args})
+    return Summary.of(fmt, [out], sd, notes + [f"{args_label}: {args}"])
+
+
+def released_model_args(meta: dict[str, str], fmt: str) -> dict:
+    return json.loads(meta.get(f"{fmt}_model_args", "{}"))
 
 
 @dataclass

@@ -15,14 +15,13 @@ positional embedding exactly as our ViT does (its released models use offset 0.1
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from .common import (
-    Backbone, Summary, add_dinov2_family_slots, cast, infer_spec, infer_vit_config, require_plain, save_state_dict,
+    Backbone, Summary, add_dinov2_family_slots, backbone_from_released, released_model_args, require_plain, save_released,
 )
 
 __all__ = ["KEY_MAP", "to_dinov2", "from_dinov2", "save", "load"]
@@ -60,18 +59,12 @@ def from_dinov2(sd: dict[str, torch.Tensor], source: str, num_heads: int | None 
         for ours, theirs in KEY_MAP:
             k = ours if k == theirs else k
         out[k] = v
-    vit = infer_vit_config(
-        out, source, num_heads or model_args.get("num_heads"), layerscale_init=model_args.get("init_values")
-    )
-    return Backbone(out, vit, infer_spec(out, vit["depth"]), source)
+    return backbone_from_released(out, source, num_heads, model_args)
 
 
 def save(bb: Backbone, out: Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:
-    sd, model_args, notes = to_dinov2(bb, allow_equal_cls)
-    sd = cast(sd, dtype)
-    save_state_dict(sd, out, {"dinov2_model_args": json.dumps(model_args)})
-    return Summary.of("dinov2", [out], sd, notes + [f"DinoVisionTransformer args: {json.dumps(model_args)}"])
+    return save_released("dinov2", *to_dinov2(bb, allow_equal_cls), out, dtype, "DinoVisionTransformer args")
 
 
 def load(sd: dict[str, torch.Tensor], meta: dict[str, str], source: str, num_heads: int | None = None) -> Backbone:
-    return from_dinov2(sd, source, num_heads, json.loads(meta.get("dinov2_model_args", "{}")))
+    return from_dinov2(sd, source, num_heads, released_model_args(meta, "dinov2"))

@@ -16,12 +16,13 @@ num_classes=0, **model_args)`` (SwiGLU: ``mlp_layer=timm.layers.SwiGLUPacked``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .common import Backbone, ConversionError, Summary, cast, infer_spec, infer_vit_config, require_plain, save_state_dict
+from .common import (
+    Backbone, ConversionError, Summary, backbone_from_released, released_model_args, require_plain, save_released,
+)
 
 __all__ = ["KEY_MAP", "to_timm", "from_timm", "save", "load"]
 
@@ -79,18 +80,12 @@ def from_timm(sd: dict[str, torch.Tensor], source: str, num_heads: int | None = 
     swiglu = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
     if swiglu:
         sd = {_rename(k, [(b, a) for a, b in KEY_MAP]): v for k, v in sd.items()}
-    vit = infer_vit_config(
-        sd, source, num_heads or model_args.get("num_heads"), layerscale_init=model_args.get("init_values")
-    )
-    return Backbone(sd, vit, infer_spec(sd, vit["depth"]), source, notes)
+    return backbone_from_released(sd, source, num_heads, model_args, notes)
 
 
 def save(bb: Backbone, out: Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:
-    sd, model_args, notes = to_timm(bb, allow_equal_cls)
-    sd = cast(sd, dtype)
-    save_state_dict(sd, out, {"timm_model_args": json.dumps(model_args)})
-    return Summary.of("timm", [out], sd, notes + [f"timm model_args: {json.dumps(model_args)}"])
+    return save_released("timm", *to_timm(bb, allow_equal_cls), out, dtype, "timm model_args")
 
 
 def load(sd: dict[str, torch.Tensor], meta: dict[str, str], source: str, num_heads: int | None = None) -> Backbone:
-    return from_timm(sd, source, num_heads, json.loads(meta.get("timm_model_args", "{}")))
+    return from_timm(sd, source, num_heads, released_model_args(meta, "timm"))
