@@ -55,6 +55,16 @@ def read_steps(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
+def read_merged(run_dir) -> dict[int, dict]:
+    """step -> every scalar logged at that step (training and evaluation rows merged; a resumed
+    run's values replace the earlier ones)."""
+    rows: dict[int, dict] = {}
+    for line in (Path(run_dir) / "steps.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
 class LoaderWrapper:
     """Delegates the StatefulLoader protocol; subclasses act on batch ``index``."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,21 +14,11 @@ import torch.nn.functional as F
 import yaml
 
 from data_fixtures import make_shards
-from engine_helpers import ROOT, run_worker, spawn, tiny_recipe
+from engine_helpers import ROOT, read_merged, run_worker, spawn, tiny_recipe
 from lspretrain.engine.config import ConfigError, ModelConfig, load_config
 from lspretrain.methods.classification import Classification, ClassificationConfig, RepeatedCollate, RepeatedViews
 
 TINY_RECIPE = ROOT / "recipes" / "deit3" / "tiny_fashion_mnist.yaml"
-
-
-def read_merged(run_dir) -> dict[int, dict]:
-    """step -> every scalar logged at that step (training and evaluation rows merged; a resumed
-    run's values replace the earlier ones)."""
-    rows: dict[int, dict] = {}
-    for line in (Path(run_dir) / "steps.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
 
 
 def tiny_model(img_size: int = 24, spec: str = "paper") -> dict:

@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from data_fixtures import make_shards
-from engine_helpers import free_port, spawn, tiny_recipe
+from engine_helpers import free_port, read_merged, spawn, tiny_recipe
 
 STEPS = 5
 
@@ -28,18 +28,6 @@ def dinov2_recipe(run_dir, shards, strategy: dict, steps=STEPS, **extra):
     recipe["optim"]["warmup_steps"] = 1
     recipe.update(extra)
     return recipe
-
-
-def read_merged(run_dir) -> dict[int, dict]:
-    """step -> every scalar logged at that step (training and evaluation lines merged; a
-    resumed run's values replace the earlier ones)."""
-    import json
-
-    rows: dict[int, dict] = {}
-    for line in (run_dir / "steps.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
 
 
 @pytest.fixture(scope="module")

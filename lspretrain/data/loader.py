@@ -151,8 +151,9 @@ class StatefulLoader:
 
     # ----------------------------------------------------------------- bad data
     def stats(self) -> dict:
-        """Counts over everything consumed so far, all workers of this rank together."""
-        return self._stats.summary()
+        """Counts over everything consumed so far, all workers of this rank together (and, in
+        epoch mode, the current epoch)."""
+        return {**self._stats.summary(), **({"epoch": self._epoch} if self.cfg.mode == "epoch" else {})}
 
     def _check_bad(self) -> None:
         s = self._stats

@@ -198,8 +198,8 @@ class Trainer:
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         if "bad_samples" in loader_stats:
             scalars["data/bad_samples"] = float(loader_stats["bad_samples"])
-        if getattr(self.loader, "cfg", None) is not None and self.loader.cfg.mode == "epoch":
-            scalars["data/epoch"] = float(self.loader.epoch)
+        if "epoch" in loader_stats:
+            scalars["data/epoch"] = float(loader_stats["epoch"])
         if self.save_stalls:
             scalars["checkpoint/stall_s"] = self.save_stalls[-1]
         tokens = self.global_batch * self.tokens_per_sample if self.tokens_per_sample else None

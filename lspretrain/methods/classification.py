@@ -103,10 +103,6 @@ class RepeatedViews:
     transform: Callable
     repeats: int
 
-    @property
-    def photometric(self):
-        return getattr(self.transform, "photometric", None)
-
     def __call__(self, image) -> torch.Tensor:
         return torch.stack([self.transform(image) for _ in range(self.repeats)])
 
