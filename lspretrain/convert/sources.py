@@ -1,7 +1,8 @@
 """Reading a backbone out of a training run: a run directory, a torch.distributed.checkpoint
 (fsdp2) directory or a DeepSpeed ZeRO 1/2/3 checkpoint, on one CPU process without a process
-group. Nothing is unpickled beyond weights: DCP reads tensors through its own metadata, and
-DeepSpeed's files are loaded weights-only with an allow-list of its three plain data classes.
+group. Nothing is unpickled beyond weights: DCP's metadata through an unpickler that knows only
+its own metadata classes (``engine.safe_load``), tensors and other values weights-only, and
+DeepSpeed's files weights-only with an allow-list of its three plain data classes.
 
 The architecture comes from the run's ``config.yaml`` (``model.arch``, ``model.spec``,
 ``model.overrides``), found in the checkpoint's parent directories; without one it is inferred
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..engine.safe_load import deepspeed_weights_only
+from ..engine.safe_load import UnsafeCheckpointError, dcp_load, deepspeed_weights_only, read_dcp_metadata
 from ..models import get_spec, vit_config
 from .common import Backbone, ConversionError, infer_spec, infer_vit_config, select_backbone
 
@@ -86,17 +87,19 @@ def _run_config(path: Path) -> dict | None:
 
 
 def _read_dcp(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
-    tensors = {k: md for k, md in reader.read_metadata().state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    try:
+        metadata = read_dcp_metadata(path)
+    except UnsafeCheckpointError as err:
+        raise ConversionError(str(err)) from None
+    tensors = {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
     prefix = select_backbone(tensors, which, str(path))
     # Only the chosen backbone is read; DCP assembles every tensor from all ranks' shards.
     sd = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in tensors.items() if k.startswith(prefix)}
     with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sd, storage_reader=reader, no_dist=True)
+        dcp_load(sd, path, no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 

@@ -272,18 +272,16 @@ class Classification(Method):
 def _read_head(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """``head.weight``/``head.bias`` (or ``ema.head.*``) of a DCP training checkpoint: a run
     directory (newest complete step), a ``step_N`` directory or its ``state/``."""
-    import torch.distributed.checkpoint as dcp
-
     from ..convert.sources import is_dcp, newest_checkpoint
+    from ..engine.safe_load import dcp_load, read_dcp_metadata
 
     state = next((p for p in (path, path / "state") if is_dcp(p)), None) or newest_checkpoint(path) / "state"
     if not is_dcp(state):
         raise ValueError(f"method.init_head=true needs a DCP training checkpoint (fsdp2/ddp/single); {state} is not one")
-    reader = dcp.FileSystemReader(str(state))
-    meta = reader.read_metadata().state_dict_metadata
+    meta = read_dcp_metadata(state).state_dict_metadata  # refuses metadata that carries code
     keys = {f"model.{prefix}head.{n}": n for n in ("weight", "bias")}
     if not all(k in meta for k in keys):
         raise ValueError(f"method.init_head=true: {state} has no {sorted(keys)}")
     sd = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    dcp_load(sd, state, no_dist=True)
     return {n: sd[k].float() for k, n in keys.items()}

@@ -148,8 +148,10 @@ class Strategy:
 
     def load_checkpoint(self, path: Path, extra: dict) -> dict:
         """Load in place (resharding to this world size as needed); returns the method state."""
+        from ..safe_load import dcp_load
+
         state = self._app_state(extra)
-        dcp.load(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+        dcp_load(state, path, process_group=self._ckpt_group)  # refuses a checkpoint that carries code
         set_state_dict(self.method, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return state["method"]
 
