@@ -241,6 +241,21 @@ def test_cli_refusal_and_summary(tmp_path):
     assert f"{n} tensors" in ok.stdout and "dtype bfloat16" in ok.stdout
 
 
+def test_layerscale_spec_on_a_checkpoint_without_layerscale_is_refused_in_one_line(tmp_path):
+    # A DeiT-style timm ViT (vit_small_patch16_224 has no ls1/ls2): 'paper' would specialize LayerScale.
+    source = tmp_path / "deit.safetensors"
+    write(Backbone.from_model(plain("deit3")), "timm", source)
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(source), "--from", "timm", "--to", "torch"]
+    bad = subprocess.run(tool + ["--spec", "paper", "--out", str(tmp_path / "p.pt")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.splitlines()[-1] == (f"error: {source}: --spec paper specializes LayerScale, but this checkpoint "
+                                           "has none (no ls1/ls2 gammas); presets without LayerScale: norm")
+    assert not (tmp_path / "p.pt").exists()
+    ok = subprocess.run(tool + ["--spec", "norm", "--out", str(tmp_path / "n.pt")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert load_backbone(tmp_path / "n.pt").spec == get_spec("norm").to_dict()
+
+
 def test_unknown_keys_and_ambiguous_backbones_are_named(tmp_path):
     sd = {k: v for k, v in plain("deit3").state_dict().items()}
     torch.save({**sd, "blocks.0.attn.q_norm.weight": torch.ones(32)}, tmp_path / "t.pth")

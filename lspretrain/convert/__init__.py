@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models import get_spec, specialize
+from ..models import PRESETS, get_spec, specialize
 from . import dinov2, hf, native, onnx, timm
 from .common import Backbone, ConversionError, Summary, load_tensor_file, select_backbone, unwrap
 from .native import load_backbone
@@ -56,7 +56,16 @@ def read_released(
     model = bb.build()  # checks that every tensor found its place
     if spec is None or get_spec(spec).is_plain:
         return bb
-    specialized = Backbone.from_model(specialize(model, spec), bb.source)
+    depth = len(model.blocks)
+    if get_spec(spec).blocks("layerscale", depth) and model.cfg.layerscale_init is None:
+        # e.g. timm's vit_small_patch16_224: there is no LayerScale gamma to give the CLS token a copy of.
+        fitting = [n for n, s in PRESETS.items() if not s.is_plain and not s.blocks("layerscale", depth)]
+        raise ConversionError(f"{path}: --spec {spec} specializes LayerScale, but this checkpoint has none "
+                              f"(no ls1/ls2 gammas); presets without LayerScale: {', '.join(fitting)}")
+    try:
+        specialized = Backbone.from_model(specialize(model, spec), bb.source)
+    except ValueError as err:  # a spec this model cannot take, e.g. a LoRA rank above its width
+        raise ConversionError(f"{path}: --spec {spec}: {err}") from None
     specialized.notes = bb.notes + [f"specialized with preset {spec!r} (CLS copies equal the shared weights)"]
     return specialized
 
