@@ -166,3 +166,16 @@ def test_rank_defaults_from_environment(spec, monkeypatch):
     from lspretrain.data import DataConfig, build_loader
     ld = build_loader(DataConfig(shards=spec, num_workers=0))
     assert (ld.rank, ld.world_size) == (1, 3)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_starting_the_stream_leaves_the_global_rng_alone(spec, workers):
+    """The model's own randomness (drop path) draws from the global torch RNG, and a resumed
+    run starts its stream after restoring that RNG: starting a stream must not draw from it."""
+    ld = loader(spec, num_workers=workers)
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    next(iter(ld))
+    assert torch.equal(torch.rand(4), want)
+    ld.close()

@@ -200,9 +200,11 @@ def small_shards(tmp_path_factory):
 
 
 def deit_recipe(run_dir, shards, strategy: dict) -> dict:
-    """Every moving part: 3-Augment, 2 repeats, BCE on binarized Mixup/CutMix, LAMB, model EMA,
+    """Every moving part: 3-Augment, 2 repeats, BCE on binarized Mixup/CutMix, drop path, LAMB, model EMA,
     epoch mode (12 images per rank = 6 steps per epoch: the resumed run crosses an epoch)."""
-    recipe = tiny_recipe(run_dir, steps=RESUME_STEPS, strategy=strategy, model=tiny_model(16))
+    model = tiny_model(16)
+    model["overrides"]["drop_path_rate"] = 0.2  # in-model randomness: its RNG must resume too
+    recipe = tiny_recipe(run_dir, steps=RESUME_STEPS, strategy=strategy, model=model)
     recipe.update({
         "method": {"name": "classification", "num_classes": 10, "loss": "bce", "augment": "three_augment",
                    "rrc_scale": [0.35, 1.0], "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "repeats": 2,

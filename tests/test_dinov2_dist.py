@@ -17,7 +17,7 @@ def dinov2_recipe(run_dir, shards, strategy: dict, steps=STEPS, **extra):
     recipe.update({
         "model": {"arch": "vit_tiny_patch14", "spec": "paper",
                   "overrides": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                                "layerscale_init": 0.1}},
+                                "layerscale_init": 0.1, "drop_path_rate": 0.2}},
         "method": {"name": "dinov2", "head_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
                    "global_crop_size": 16, "local_crop_size": 8, "n_local_crops": 2, "warmup_teacher_temp_steps": 3,
                    "freeze_last_layer_steps": 2},

@@ -1,6 +1,10 @@
 """Multi-process gloo runs of the tiny model: every strategy against a 1-rank reference on the
 same global batch (fp32, fixed seed), exact resume after a SIGTERM, fsdp2 resharding 2 -> 1
-and 2 -> 3 ranks, hybrid sharding on a 2 x 2 mesh, and the entry point launched as SLURM tasks."""
+and 2 -> 3 ranks, hybrid sharding on a 2 x 2 mesh, and the entry point launched as SLURM tasks.
+
+Tests that compare runs on different world sizes keep drop path off: each rank draws its
+stochastic depth from its own RNG stream, so 2 ranks x 6 samples cannot draw what 1 rank x 12
+does. Same-world-size resume tests (here, test_dinov2_dist.py, test_deit3.py) run with it on."""
 from __future__ import annotations
 
 import json
@@ -52,16 +56,22 @@ def test_fsdp2_two_ranks_match_one(reference, fsdp2_run):
     assert saved == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]  # async ones finalized
 
 
-def test_fsdp2_exact_resume_after_sigterm(tmp_path, fsdp2_run):
-    r = recipe(tmp_path, "fsdp2", 2)
+def test_fsdp2_exact_resume_after_sigterm(tmp_path):
+    """With drop path on, the resumed run's per-rank RNG streams continue exactly: every loss
+    equals the uninterrupted 2-rank run's."""
+    model = {"overrides": {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 0.1,
+                           "drop_path_rate": 0.3}}
+    full = spawn(2, recipe(tmp_path / "full", "fsdp2", 2, model=model))
+    assert full["status"] == "completed"
+    r = recipe(tmp_path / "resumed", "fsdp2", 2, model=model)
     out = spawn(2, r, signal_at=2)  # SIGTERM to rank 0 while it takes batch 2: stops after step 3
     assert out == {**out, "status": "preempted", "step": 3, "reason": "SIGTERM"}
     assert out["checkpoint"].endswith("step_00000003")
     out = spawn(2, r)
     assert out["status"] == "completed" and out["step"] == STEPS
-    got, want = read_steps(tmp_path), read_steps(fsdp2_run)
+    got, want = read_steps(tmp_path / "resumed"), read_steps(tmp_path / "full")
     for s in range(1, STEPS + 1):
-        assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-7), s
+        assert got[s]["loss"] == want[s]["loss"], s
 
 
 @pytest.mark.parametrize("world_size", [1, 3])

@@ -116,7 +116,12 @@ class StatefulLoader:
                 # Persistent workers keep decoders/augmenters warm across epochs; they re-read
                 # the control tensor at each iteration, so resuming never needs new processes.
                 persistent_workers=nw > 0, prefetch_factor=self.cfg.prefetch_factor if nw else None,
-                worker_init_fn=_worker_init if nw else None, in_order=True)
+                worker_init_fn=_worker_init if nw else None, in_order=True,
+                # Its own generator: a DataLoader iterator draws its workers' base seed from the
+                # global torch RNG otherwise, and a resumed run (which creates the iterator after
+                # restoring that RNG) would then shift every later draw of the model's own
+                # randomness (drop path) by one. Augmentations are seeded per sample, not by it.
+                generator=torch.Generator().manual_seed(self.cfg.seed))
             self._loader_key = key
         return self._loader
 

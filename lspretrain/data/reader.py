@@ -139,8 +139,11 @@ class SlotDataset(IterableDataset):
         else:
             windows = self._resampled_windows(slot, pos[0], pos[1])
             seed_key = [self.resampled.seed, 2, self.resampled.generation, slot]
+        batches = self._batches(windows, cursor, stats, local, pos, seed_key)
         try:
-            yield from self._batches(windows, cursor, stats, local, pos, seed_key)
+            # In a worker process the reseeding below touches only that worker's RNGs; in the
+            # training process itself (num_workers=0) the trainer's RNGs are kept out of it.
+            yield from batches if info is not None else _caller_rng_kept(batches)
         finally:
             cursor.close()
 
@@ -237,6 +240,22 @@ class SlotDataset(IterableDataset):
         return {"image": self.transform(image) if self.transform else image, "label": label, "key": key}
 
 
+def _caller_rng_kept(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches``, with the caller's python / numpy / torch CPU RNG states restored after each
+    batch is made: the model's own randomness (drop path) then never depends on the data."""
+    while True:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+        yield batch
+
+
 def _reseed(key: list[int]) -> None:
     """Seed every RNG a transform may use from the sample's place in the stream.
 
@@ -246,4 +265,4 @@ def _reseed(key: list[int]) -> None:
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2)
     random.seed(int(state[0]))
     np.random.seed(int(state[1]))
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+    torch.default_generator.manual_seed(int(state[0]) << 32 | int(state[1]))  # CPU only: never a CUDA RNG
