@@ -10,7 +10,8 @@ from .loader import StatefulLoader, build_loader
 from .masking import MaskingGenerator
 from .mixup import MixupCutmix
 from .photometric import DINOv2Photometric, ThreeAugmentPhotometric
-from .shard_writer import EncodeOptions, Item, fashion_mnist_shards, write_shards
+from .mosaic import fashion_mnist_mosaic_shards
+from .shard_writer import IGNORE_INDEX, EncodeOptions, Item, MaskOptions, fashion_mnist_shards, write_shards
 from .state import merge_states
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "DINOv2MultiCrop", "DINOv2Collate", "MaskingGenerator", "DINOv2Photometric",
     "ThreeAugment", "SimpleRandomCrop", "ThreeAugmentPhotometric", "SupervisedCollate", "MixupCutmix",
     "EvalTransform", "default_collate", "write_shards", "fashion_mnist_shards", "EncodeOptions", "Item",
+    "MaskOptions", "IGNORE_INDEX", "fashion_mnist_mosaic_shards",
 ]
