@@ -330,13 +330,18 @@ def plot_curves(
     out_png: str | os.PathLike,
     keys: Sequence[str | Sequence[str]] | None = None,
     size: tuple[int, int] = (1000, 600),
+    title: str | None = None,
+    ylabels: Sequence[str] | None = None,
 ) -> Path:
     """Draw training curves from a metrics.jsonl to a PNG of ``size`` (width, height) pixels.
 
     ``keys``: one panel per entry, stacked vertically; an entry is a tag or a sequence of tags
     drawn on shared axes with a legend (``[("train/loss", "loss/dino"), "opt/lr"]``). Keys
     without "/" are read as ``train/<key>``. Default: a panel of every loss tag and a panel of
-    the lr tags. Non-finite values break the line. Rendered with PIL, no matplotlib."""
+    the lr tags. Non-finite values break the line. ``title`` (default: "training curves of
+    <run directory>") heads the picture; each panel's y axis is labelled by ``ylabels`` (default:
+    what its tags have in common, e.g. "loss", else the tag) and its x axis "step". Rendered
+    with PIL, no matplotlib."""
     from PIL import Image, ImageDraw, ImageFont
 
     data = read_metrics(metrics_jsonl)
@@ -348,14 +353,38 @@ def plot_curves(
     missing = sorted({t for p in panels for t in p if t not in data})
     if missing or not panels:
         raise ValueError(f"plot_curves: tags {missing or 'to plot'} not in {metrics_jsonl}; available: {sorted(data)}")
+    if ylabels is not None and len(ylabels) != len(panels):
+        raise ValueError(f"plot_curves: {len(ylabels)} ylabels for {len(panels)} panels")
+
+    def common_label(tags: list[str]) -> str:
+        if len(tags) == 1:
+            return {"lr": "learning rate", "wd": "weight decay"}.get(tags[0].rsplit("/", 1)[-1], tags[0])
+        shared = set(tags[0].split("/")).intersection(*(t.split("/") for t in tags[1:]))
+        return "/".join(part for part in tags[0].split("/") if part in shared) or ", ".join(tags)
+
     width, height = size
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    panel_h = height / len(panels)
+    fs = 12  # a TrueType face, not the 6 px bitmap default; 12 px also fits the legend's 14 px rows
+    font, bold = ImageFont.load_default(size=fs), ImageFont.load_default(size=fs + 3)
+    heading = title if title is not None else f"training curves of {Path(metrics_jsonl).resolve().parent.name}"
+    title_h, ylabel_w, xlabel_h = fs + 14, fs + 10, fs + 6
+    draw.text(((width - draw.textlength(heading, font=bold)) / 2, 5), heading, fill="black", font=bold)
+    panel_h = (height - title_h) / len(panels)
     for i, tags in enumerate(panels):
-        box = (0, round(i * panel_h), width, round((i + 1) * panel_h))
+        top, bottom = title_h + round(i * panel_h), title_h + round((i + 1) * panel_h)
+        box = (ylabel_w, top, width, bottom - xlabel_h)
         _draw_panel(draw, font, box, [(t, *data[t]) for t in tags], _PALETTE * (len(tags) // len(_PALETTE) + 1))
+        # Axis labels outside the box _draw_panel fills: "step" under the ticks, the quantity
+        # rotated along the y axis, both centred on the plot area.
+        x_mid = (box[0] + _MARGIN["left"] + box[2] - _MARGIN["right"]) / 2
+        draw.text((x_mid - draw.textlength("step", font=font) / 2, box[3] - 4), "step", fill="black", font=font)
+        label = ylabels[i] if ylabels is not None else common_label(tags)
+        strip = Image.new("RGB", (round(draw.textlength(label, font=font)) + 4, fs + 6), "white")
+        ImageDraw.Draw(strip).text((2, 1), label, fill="black", font=font)
+        strip = strip.rotate(90, expand=True)
+        y_mid = (box[1] + _MARGIN["top"] + box[3] - _MARGIN["bottom"]) / 2
+        image.paste(strip, (2, max(top, round(y_mid - strip.height / 2))))
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
