@@ -1,8 +1,11 @@
 """Entry point: ``python -m lspretrain.train RECIPE.yaml [key=value ...]`` (``lspretrain-train``).
 
 Runs alone, under ``torchrun`` or under ``srun`` (see ``lspretrain.engine.dist``). Exit codes:
-0 completed, 2 config refused, 3 aborted (too many non-finite steps), 75 preempted (SIGTERM /
-SIGUSR1: a checkpoint was saved; requeue the job to resume). ``RUN/result.json`` says the same.
+0 completed, 2 config refused (nothing started), 3 aborted (too many non-finite steps),
+4 bad data (more than ``data.max_bad_fraction`` of the samples were bad), 75 preempted
+(SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint was saved; run the same command, or requeue the
+job, to resume), 130 interrupted (a second Ctrl-C abandoned the step; the last checkpoint is
+kept). ``RUN/result.json`` says the same.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_CONFIG, EXIT_ABORTED, EXIT_PREEMPTED = 0, 2, 3, 75
+EXIT_OK, EXIT_CONFIG, EXIT_ABORTED, EXIT_BAD_DATA, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 2, 3, 4, 75, 130
 
 
 def build(cfg):
@@ -35,19 +38,39 @@ def build(cfg):
 
 
 def run(cfg) -> int:
+    from .data import BadDataError
     from .engine.dist import shutdown
     from .engine.fault import NonFiniteAbort
 
+    log = logging.getLogger("lspretrain")
     trainer, env = build(cfg)
+
+    def failed(status: str, error: str) -> dict:
+        return {"status": status, "step": trainer.step, "error": error,
+                "checkpoint": str(trainer.ckpt.latest() or "") or None}
+
     try:
         result = trainer.fit()
         code = EXIT_PREEMPTED if result.status == "preempted" else EXIT_OK
         summary = {"status": result.status, "step": result.step, "checkpoint": result.checkpoint,
                    "skipped_steps": result.skipped_steps, "reason": result.reason}
+        if result.status == "preempted" and env.rank == 0:
+            print(f"stopped at step {result.step} ({result.reason}); run the same command again to resume", flush=True)
     except NonFiniteAbort as err:
-        logging.getLogger("lspretrain").error("%s", err)
-        code, summary = EXIT_ABORTED, {"status": "aborted", "step": trainer.step, "error": str(err),
-                                       "checkpoint": str(trainer.ckpt.latest() or "") or None}
+        log.error("%s", err)
+        code, summary = EXIT_ABORTED, failed("aborted", str(err))
+    except BadDataError as err:
+        log.error("%s", err)
+        code, summary = EXIT_BAD_DATA, failed("bad_data", str(err))
+        if env.rank == 0:
+            print(f"lspretrain-train: stopped on bad data: {err.summary} (the last checkpoint is kept)", file=sys.stderr)
+    except KeyboardInterrupt:
+        code, summary = EXIT_INTERRUPTED, failed("interrupted", "a second Ctrl-C abandoned the step")
+        if env.rank == 0:
+            latest = summary["checkpoint"]
+            print(f"interrupted at step {trainer.step}; " + (f"run the same command again to resume from {latest}"
+                                                              if latest else "no checkpoint was saved yet"),
+                  file=sys.stderr)
     if env.rank == 0:
         Path(cfg.run.dir, "result.json").write_text(json.dumps(summary, indent=1))
     sys.stdout.flush()

@@ -6,4 +6,10 @@ class DataError(RuntimeError):
 
 
 class BadDataError(DataError):
-    """Too many bad samples: the configured ``max_bad_fraction`` was exceeded."""
+    """Too many bad samples: the configured ``max_bad_fraction`` was exceeded.
+
+    ``summary``: one line (the fraction and the worst shards); ``str()``: the full report."""
+
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]

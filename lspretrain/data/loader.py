@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 def _worker_init(_: int) -> None:
     # Workers are processes: one intra-op thread each, or N workers x M threads oversubscribe.
     torch.set_num_threads(1)
+    # A Ctrl-C (or a SLURM SIGTERM to the whole job) reaches the workers too; the trainer
+    # handles it by finishing the step and saving, which needs the workers alive. They end
+    # with the trainer (the DataLoader shuts them down, or they see their parent gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_rank_world() -> tuple[int, int]:
@@ -164,11 +170,14 @@ class StatefulLoader:
         s = self._stats
         seen = s.samples + s.bad_samples
         if seen >= self.cfg.bad_check_min_samples and s.bad_samples > self.cfg.max_bad_fraction * seen:
+            worst = ", ".join(f"{url} ({n})" for url, n in s.bad_by_shard.most_common(3))
+            summary = (f"{s.bad_samples} of {seen} samples were bad ({s.bad_samples / seen:.1%} > data.max_bad_fraction "
+                       f"{self.cfg.max_bad_fraction:.1%}); worst shards: {worst}")
             raise BadDataError(
                 f"{s.bad_samples} of {seen} samples were bad ({s.bad_samples / seen:.1%} > max_bad_fraction "
                 f"{self.cfg.max_bad_fraction:.1%}) in {self.cfg.shards or self.cfg.index!r}; reasons "
                 f"{dict(s.bad_sample_reasons)}, bad shards {dict(s.bad_shard_reasons)}; first problems:\n  "
-                + "\n  ".join(s.examples))
+                + "\n  ".join(s.examples), summary)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:

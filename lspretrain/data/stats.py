@@ -16,6 +16,7 @@ class DataStats:
     bad_sample_reasons: Counter = field(default_factory=Counter)
     bad_shard_reasons: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # "reason: shard key detail", first few
+    bad_by_shard: Counter = field(default_factory=Counter)  # shard URL -> bad samples + bad-shard events
 
     @property
     def bad_samples(self) -> int:
@@ -27,10 +28,12 @@ class DataStats:
 
     def bad_sample(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         self.bad_sample_reasons[reason] += 1
+        self.bad_by_shard[shard] += 1
         self._note(f"bad sample ({reason}): shard {shard} key {key} {detail}".rstrip())
 
     def bad_shard(self, reason: str, shard: str, detail: str = "") -> None:
         self.bad_shard_reasons[reason] += 1
+        self.bad_by_shard[shard] += 1
         self._note(f"bad shard ({reason}): {shard} {detail}".rstrip())
 
     def _note(self, msg: str) -> None:
@@ -44,10 +47,12 @@ class DataStats:
     def take(self) -> dict:
         """Plain-dict delta since the last take (what a worker attaches to a batch), then reset."""
         out = {"samples": self.samples, "bad_samples": dict(self.bad_sample_reasons),
-               "bad_shards": dict(self.bad_shard_reasons), "examples": list(self.examples)}
+               "bad_shards": dict(self.bad_shard_reasons), "examples": list(self.examples),
+               "bad_by_shard": dict(self.bad_by_shard)}
         self.samples = 0
         self.bad_sample_reasons.clear()
         self.bad_shard_reasons.clear()
+        self.bad_by_shard.clear()
         self.examples.clear()
         return out
 
@@ -55,6 +60,7 @@ class DataStats:
         self.samples += delta["samples"]
         self.bad_sample_reasons.update(delta["bad_samples"])
         self.bad_shard_reasons.update(delta["bad_shards"])
+        self.bad_by_shard.update(delta["bad_by_shard"])
         self.examples.extend(delta["examples"][: max(0, MAX_EXAMPLES - len(self.examples))])
 
     def summary(self) -> dict:

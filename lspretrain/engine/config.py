@@ -63,7 +63,8 @@ class DeepSpeedConfig:
 @dataclass
 class StrategyConfig:
     name: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # auto: bf16 on CUDA devices and CPUs with native bf16 arithmetic, else fp32 (engine/precision.py)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_every: int = 2  # selective: checkpoint every n-th block
     compile: bool = False  # torch.compile each block
@@ -74,6 +75,7 @@ class StrategyConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000  # steps between saves; 0: only at the end and on preemption
+    every_minutes: float = 0.0  # also save when this much wall time passed since the last save; 0: never
     keep_last: int = 2
     keep_every: int = 0  # also keep every step that is a multiple of this; 0: none
     async_save: bool = False
@@ -84,14 +86,18 @@ class CheckpointConfig:
 @dataclass
 class FaultConfig:
     max_consecutive_skips: int = 5  # non-finite steps in a row before aborting
-    handle_signals: bool = True  # SIGTERM/SIGUSR1 -> save and exit "preempted" (main thread only)
+    handle_signals: bool = True  # SIGTERM/SIGUSR1/SIGINT -> save and exit "preempted" (main thread only)
 
 
 @dataclass
 class LogConfig:
     every: int = 10
+    console_every_s: float = 30.0  # rank 0 also logs when this long passed without a line
     tensorboard: bool = True
     peak_flops: float = 0.0  # per device FLOP/s for MFU; 0: MFU not logged
+    # Per-phase times (perf/forward_s, backward, collective, optimizer, ema) on CUDA: synchronizes
+    # the device at each phase boundary (costs throughput). Always logged on the CPU.
+    phase_times: bool = False
 
 
 @dataclass
@@ -224,6 +230,11 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model: {err}") from None
     if cfg.data_source == "webdataset" and cfg.data is None:
         raise ConfigError("data_source=webdataset needs a `data` section (data.shards at least)")
+    if cfg.data_source == "webdataset":
+        _check_data_exists("data", cfg.data.shards, cfg.data.index)
+    if cfg.eval.every:
+        _check_data_exists("eval", cfg.eval.shards, cfg.eval.index)
+        _check_data_exists("eval", cfg.eval.train_shards, cfg.eval.train_index, prefix="train_")
     if cfg.strategy.deepspeed.stage not in (1, 2, 3):
         raise ConfigError(f"strategy.deepspeed.stage={cfg.strategy.deepspeed.stage}: expected 1, 2 or 3")
     if cfg.run.total_steps < 1:
@@ -232,8 +243,30 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds run.total_steps={cfg.run.total_steps}")
     if cfg.eval.every and not (cfg.eval.shards or cfg.eval.index):
         raise ConfigError(f"eval.every={cfg.eval.every} needs eval.shards or eval.index (the labelled evaluation split)")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
+
+
+def _check_data_exists(section: str, shards: str, index: str | None, prefix: str = "") -> None:
+    """Refuse an index file that is not there, or a shard spec none of whose local shards is
+    (a few missing shards are skipped and counted at run time instead)."""
+    from ..data.errors import DataError
+    from ..data.shards import expand_spec, is_local
+
+    if index and is_local(index) and not Path(index).is_file():
+        raise ConfigError(f"{section}.{prefix}index={index!r}: no such file")
+    if not shards:
+        return
+    try:
+        urls = expand_spec(shards)
+    except (ValueError, DataError) as err:  # a malformed spec, or a glob that matches nothing
+        raise ConfigError(f"{section}.{prefix}shards={shards!r}: {err}") from None
+    local = [u for u in urls if is_local(u)]
+    if local and len(local) == len(urls) and not any(Path(u).exists() for u in local):
+        raise ConfigError(f"{section}.{prefix}shards={shards!r}: none of its {len(local)} shards exists "
+                          f"(first: {local[0]})")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -1,8 +1,9 @@
 """Preemption signals and non-finite steps.
 
-``StopRequest``: SIGTERM / SIGUSR1 set a flag (nothing else happens in the handler); the
-trainer all-reduces it with the step's statistics, so every rank stops after the same step,
-saves, and exits with a "preempted" result the launcher can requeue on.
+``StopRequest``: SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) set a flag (nothing else happens in the
+handler); the trainer agrees on it across ranks after each step, so every rank stops after the
+same step, saves, and exits with a "preempted" result the launcher can requeue on. A second
+Ctrl-C abandons the step at once (KeyboardInterrupt), for a user who will not wait.
 
 ``SkipGuard``: counts refused (non-finite) steps and aborts after too many in a row.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 __all__ = ["StopRequest", "SkipGuard", "NonFiniteAbort"]
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class NonFiniteAbort(RuntimeError):
@@ -33,6 +35,11 @@ class StopRequest:
         self.signal_name = self.signal_name or reason
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abandon it)",
+                  file=sys.stderr, flush=True)
         self.request(signal.Signals(signum).name)
 
     def install(self) -> bool:
@@ -56,10 +63,12 @@ class SkipGuard:
         self.total = 0
         self.consecutive = 0
 
-    def update(self, step: int, applied: bool, loss: float, grad_norm: float) -> None:
+    def update(self, step: int, applied: bool, loss, grad_norm: float) -> None:
+        """``loss``: a callable giving the step's loss, read only for a refused step."""
         if applied:
             self.consecutive = 0
             return
+        loss = loss()
         self.total += 1
         self.consecutive += 1
         log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row, %d in total)",

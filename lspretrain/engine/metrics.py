@@ -99,9 +99,11 @@ class MetricLogger:
         scalars: dict[str, float | int | torch.Tensor],
         images: int | None = None,
         tokens: int | None = None,
+        console: bool | None = None,
     ) -> dict[str, float]:
         """Record ``scalars`` at ``step``; returns the tag -> value dict written (empty on
-        ranks other than 0)."""
+        ranks other than 0). ``console``: print the console line (default: on every
+        ``log_every``-th step and the last)."""
         if not self.enabled:
             return {}
         now = time.perf_counter()
@@ -122,7 +124,7 @@ class MetricLogger:
         # NaN / inf are written as Python's json does (NaN, Infinity): a diverging loss is data.
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
-        if step % self.log_every == 0 or step == self.total_steps:
+        if console if console is not None else (step % self.log_every == 0 or step == self.total_steps):
             print(self._console_line(step, values), file=sys.stdout, flush=True)
         return values
 
@@ -160,21 +162,24 @@ class MetricLogger:
 
 
 class StepTimer:
-    """Wall time per named phase (``data`` wait vs ``compute``)::
+    """Wall time per named phase (the trainer's data / forward / backward / collective /
+    optimizer / ema)::
 
         timer = StepTimer(device)
         with timer("data"): batch = next(it)
         with timer("compute"): loss = step(batch)
         logger.log(step, {..., **timer.pop()})
 
-    On CUDA each phase boundary synchronizes the device, so kernels queued in a phase are
-    charged to it (and not to the next data wait); that costs a little throughput, which is
-    why it is only done on CUDA, where the asynchrony would otherwise hide the compute time.
+    A CUDA device runs asynchronously, so its host times are only launch times. With ``sync``
+    each phase boundary synchronizes it, so kernels queued in a phase are charged to that
+    phase; that costs some throughput, hence opt-in (``log.phase_times``). ``exact`` says
+    whether the times are real: always on the CPU, on CUDA only with ``sync``.
     """
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None, sync: bool = True):
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self._sync = device if device.type == "cuda" else None
+        self._sync = device if device.type == "cuda" and sync else None
+        self.exact = device.type != "cuda" or sync
         self._total: dict[str, float] = {}
         self._count: dict[str, int] = {}
 
@@ -191,11 +196,12 @@ class StepTimer:
             self._total[phase] = self._total.get(phase, 0.0) + time.perf_counter() - t0
             self._count[phase] = self._count.get(phase, 0) + 1
 
-    def pop(self) -> dict[str, float]:
-        """Mean seconds per entry of each phase since the last pop (``perf/<phase>_s``) and,
-        with both ``data`` and ``compute`` timed, ``perf/data_wait_frac`` = data share of their
-        sum; then reset."""
-        out = {f"perf/{k}_s": self._total[k] / self._count[k] for k in self._total}
+    def pop(self, steps: int | None = None) -> dict[str, float]:
+        """Seconds of each phase since the last pop (``perf/<phase>_s``), per entry or, given
+        ``steps``, per step (a phase entered once per micro-batch sums over them), and, with
+        both ``data`` and ``compute`` timed, ``perf/data_wait_frac`` = data share of their sum;
+        then reset."""
+        out = {f"perf/{k}_s": self._total[k] / (steps or self._count[k]) for k in self._total}
         if "data" in self._total and "compute" in self._total:
             out["perf/data_wait_frac"] = self._total["data"] / max(self._total["data"] + self._total["compute"], 1e-12)
         self._total.clear()

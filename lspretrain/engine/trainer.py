@@ -8,7 +8,6 @@ vector (loss, metrics, stop flag) so every rank agrees on skipping and stopping,
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ import torch
 from .checkpoint import CheckpointManager
 from .config import TrainConfig, save_config
 from .fault import SkipGuard, StopRequest
+from .metrics import StepTimer
 from .schedules import apply_schedules
 from .strategies import Strategy
 
 __all__ = ["Trainer", "TrainResult", "seed_everything", "per_rank_batch"]
 
 log = logging.getLogger(__name__)
-_OPT_KEYS = ("lr", "wd", "grad_norm")
 
 
 @dataclass
@@ -63,6 +62,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, strategy)
         self.logger = logger
         self.save_stalls: list[float] = []  # seconds the loop was blocked by each save
+        self.stats: dict[str, float] = {}  # this step's scheduled lr and wd
+        self.window = _Window()
+        self.timer = StepTimer(strategy.device, sync=cfg.log.phase_times)
+        self._last_save = self._last_console = time.monotonic()
         strategy.setup(method, cfg.optim, self.micro_batch)
         self.flops_per_sample = method.train_flops_per_sample()
         self.tokens_per_sample = method.tokens_per_sample()
@@ -116,17 +119,17 @@ class Trainer:
     def _loop(self) -> TrainResult:
         total, every = self.cfg.run.total_steps, self.cfg.checkpoint.every
         batches = self._batches()
-        window = _Window()
+        self._last_save = self._last_console = time.monotonic()
         while self.step < total:
-            stats, stop = self._train_step(batches, window)
+            stop, save_now = self._train_step(batches)
             self.step += 1
-            self._log(stats, window)
+            self._log()
             self._evaluate()
             self.ckpt.poll()
             if stop:
                 self._save(blocking=True)
                 return self._result("preempted")
-            if every and self.step % every == 0 and self.step < total:
+            if self.step < total and (save_now or (every and self.step % every == 0)):
                 self._save()
         if self.cfg.checkpoint.save_final:
             self._save(blocking=True)
@@ -144,56 +147,76 @@ class Trainer:
                 raise RuntimeError("the data loader gave no batch for a whole epoch: fewer samples per rank "
                                    "than data.batch_size with data.drop_last=true?")
 
-    def _train_step(self, batches, window: "_Window") -> tuple[dict[str, float], bool]:
-        s, optim_cfg = self.strategy, self.cfg.optim
-        t_start = time.perf_counter()
+    def _train_step(self, batches) -> tuple[bool, bool]:
+        """One optimizer step; returns the flags every rank agreed on: (stop, save now).
+
+        Loss and metrics stay on the device, summed into the log window, and are read only
+        when a line is logged. The one host read per step is the non-finite check inside
+        ``clip_and_step``: skipping the optimizer step and the EMA needs it.
+        """
+        s, optim_cfg, timer = self.strategy, self.cfg.optim, self.timer
         sched = apply_schedules(s.optimizer, self.step, optim_cfg, self.cfg.run.total_steps, self.global_batch)
-        accum, data_time = optim_cfg.accum_steps, 0.0
-        loss_sum, metric_sums = torch.zeros((), device=s.device), {}
+        self.stats.update(lr=sched["lr"], wd=sched["wd"])
+        accum = optim_cfg.accum_steps
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = s.prepare_batch(next(batches))
-            data_time += time.perf_counter() - t0
+            with timer("data"):
+                batch = s.prepare_batch(next(batches))
             with s.micro_step(last=micro == accum - 1):
-                loss, metrics = s.forward(batch, self.step)
-                s.backward(loss)
-            loss_sum += loss.detach().float()
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
-        names = sorted(metric_sums)
-        # One collective per step: the mean loss and metrics, and the stop flag (any rank).
-        vec = torch.stack([loss_sum, *(metric_sums[k] for k in names),
-                           torch.tensor(float(self.stop.requested), device=s.device)]) / accum
-        vec = s.all_reduce(vec)
-        values = (vec[:-1] / s.world_size).tolist()
-        loss_value, stop = values[0], vec[-1].item() > 0
-        result = s.clip_and_step(optim_cfg.clip_grad or 0.0, skip=not math.isfinite(loss_value))
-        self.guard.update(self.step, result.applied, loss_value, result.grad_norm)
+                with timer("forward"):
+                    loss, metrics = s.forward(batch, self.step)
+                with timer("backward"):
+                    s.backward(loss)
+            # A metric lives where the loss lives, whatever device the method made it on.
+            for k, v in {"loss": loss, **metrics}.items():
+                v = v.detach().float().to(s.device)
+                sums[k] = sums[k] + v if k in sums else v
+        names = sorted(sums)
+        with timer("collective"):
+            # One collective for the step's loss and metrics (means over ranks and micro-batches),
+            # and one on the CPU control group for the flags every rank must agree on.
+            means = s.all_reduce(torch.stack([sums[k] for k in names])) / (accum * s.world_size)
+            stop, save_now = s.agree([self.stop.requested, self._save_clock_due()])
+        with timer("optimizer"):
+            result = s.clip_and_step(optim_cfg.clip_grad or 0.0, skip=~torch.isfinite(means[names.index("loss")]))
+        self.guard.update(self.step, result.applied, lambda: float(means[names.index("loss")]), result.grad_norm)
         if result.applied:
-            self.method.after_step(self.step, s)
-        if s.device.type == "cuda":
-            torch.cuda.synchronize(s.device)
-        step_time = time.perf_counter() - t_start
-        window.add(step_time, data_time, self.global_batch)
-        stats = {"loss": loss_value, **dict(zip(names, values[1:])), "lr": sched["lr"], "wd": sched["wd"],
-                 "grad_norm": result.grad_norm, "fault/skipped_steps": float(self.guard.total)}
-        return stats, stop
+            with timer("ema"):
+                self.method.after_step(self.step, s)
+        self.window.add(dict(zip(names, means)), result.grad_norm, self.global_batch)
+        return stop, save_now
+
+    def _save_clock_due(self) -> bool:
+        """Rank 0's clock says a time-based save is due (``checkpoint.every_minutes``)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and self.strategy.rank == 0 and time.monotonic() - self._last_save >= 60 * minutes
 
     # -- logging and saving ---------------------------------------------------------------
-    def _log(self, stats: dict[str, float], window: "_Window") -> None:
-        if self.step % self.cfg.log.every and self.step not in (1, self.cfg.run.total_steps):
+    def _log(self) -> None:
+        """Log on every ``log.every``-th step, the first and the last, and on rank 0 whenever
+        ``log.console_every_s`` passed without a line (nothing collective happens here)."""
+        log_cfg, total = self.cfg.log, self.cfg.run.total_steps
+        due = self.step % log_cfg.every == 0 or self.step in (1, total) or (
+            self.strategy.rank == 0 and time.monotonic() - self._last_console >= log_cfg.console_every_s)
+        if not due:
             return
-        from .metrics import memory_stats
+        from .metrics import memory_stats, mfu
 
-        scalars = {k: v for k, v in stats.items() if k not in _OPT_KEYS}
-        scalars.update({f"opt/{k}": stats[k] for k in _OPT_KEYS})
-        scalars["perf/data_time_s"] = window.data / window.steps
-        scalars["perf/compute_time_s"] = (window.time - window.data) / window.steps
+        w = self.window
+        scalars = w.means()  # the host read of the window's device sums
+        elapsed = w.elapsed()
+        scalars.update({f"opt/{k}": self.stats[k] for k in ("lr", "wd")})
+        scalars["fault/skipped_steps"] = float(self.guard.total)
+        phases = self.timer.pop(steps=w.steps)
+        if self.timer.exact:  # host times of an asynchronous device would only time the launches
+            scalars.update(phases)
+        scalars["perf/data_time_s"] = phases.get("perf/data_s", 0.0)
+        scalars["perf/compute_time_s"] = max(elapsed / w.steps - scalars["perf/data_time_s"], 0.0)
         if self.flops_per_sample:
-            flops = window.images / max(window.time, 1e-9) * self.flops_per_sample
+            flops = w.images / max(elapsed, 1e-9) * self.flops_per_sample
             scalars["perf/flops_per_s"] = flops
-            if self.cfg.log.peak_flops > 0:
-                scalars["perf/mfu"] = flops / (self.cfg.log.peak_flops * self.strategy.world_size)
+            if log_cfg.peak_flops > 0:
+                scalars["perf/mfu"] = mfu(flops, log_cfg.peak_flops * self.strategy.world_size)
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.strategy.device).items()})
         loader_stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
         if "bad_samples" in loader_stats:
@@ -203,8 +226,9 @@ class Trainer:
         if self.save_stalls:
             scalars["checkpoint/stall_s"] = self.save_stalls[-1]
         tokens = self.global_batch * self.tokens_per_sample if self.tokens_per_sample else None
-        self.logger.log(self.step, scalars, images=self.global_batch, tokens=tokens)
-        window.reset()
+        self.logger.log(self.step, scalars, images=self.global_batch, tokens=tokens, console=True)
+        self._last_console = time.monotonic()
+        w.reset()
 
     def _evaluate(self) -> None:
         every = self.cfg.eval.every
@@ -212,6 +236,7 @@ class Trainer:
             return
         start = time.perf_counter()
         scalars = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.cfg, self.strategy).items()}
+        self.window.exclude(time.perf_counter() - start)  # rates and MFU are of training alone
         if scalars:
             scalars["eval/time_s"] = time.perf_counter() - start
             self.logger.log(self.step, scalars)
@@ -222,6 +247,8 @@ class Trainer:
         stall = self.ckpt.save(self.step, state, self.loader.state_dict(), self.method.extra_state_dict(),
                                async_save=False if blocking else None)
         self.save_stalls.append(stall)
+        self.window.exclude(stall)
+        self._last_save = time.monotonic()
 
     def _result(self, status: str) -> TrainResult:
         self.ckpt.wait()
@@ -231,16 +258,32 @@ class Trainer:
 
 
 class _Window:
-    """Time and images since the last log line (rates are averaged over it)."""
+    """Sums since the last log line: the step's mean loss and metrics and the gradient norm,
+    kept as device tensors (reading them is the only host synchronization of logging), and
+    the steps, images and wall time they cover."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.steps, self.time, self.data, self.images = 0, 0.0, 0.0, 0
+        self.steps, self.images, self.start = 0, 0, time.perf_counter()
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, step_time: float, data_time: float, images: int) -> None:
+    def add(self, values: dict[str, torch.Tensor], grad_norm: torch.Tensor | float, images: int) -> None:
+        values = {**values, "opt/grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32)}
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.steps += 1
-        self.time += step_time
-        self.data += data_time
         self.images += images
+
+    def means(self) -> dict[str, float]:
+        names = list(self.sums)
+        values = torch.stack([self.sums[k].to(self.sums[names[0]].device) for k in names]).tolist()
+        return {k: v / self.steps for k, v in zip(names, values)}
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, a checkpoint stall) out of the window's time."""
+        self.start += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -5,6 +5,7 @@ checkpoints); ``deepspeed`` overrides the parts its engine owns.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +49,7 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.accum_steps = 1
         self._ckpt_group = None
+        self._control_group = None
 
     @property
     def rank(self) -> int:
@@ -96,17 +98,20 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def clip_and_step(self, max_norm: float, skip: bool) -> StepResult:
+    def clip_and_step(self, max_norm: float, skip: bool | torch.Tensor) -> StepResult:
         """Clip to ``max_norm`` (0: no clipping, norm still measured) and step, unless ``skip``
-        or the gradient norm is not finite; every rank sees the same norm, so all agree."""
+        (a bool or a device tensor: the loss was not finite) or the gradient norm is not
+        finite; every rank sees the same norm and loss, so all agree. Reading the norm is the
+        step's one host synchronization."""
         params = [p for p in self.method.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        applied = not skip and torch.isfinite(torch.tensor(norm)).item()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm, skip = torch.stack([norm.float(), torch.as_tensor(skip, device=norm.device).float()]).tolist()
+        applied = not skip and math.isfinite(norm)
         if applied:
             self.optimizer.step()
         self.zero_grad()
-        return StepResult(norm, bool(applied))
+        return StepResult(norm, applied)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -116,6 +121,18 @@ class Strategy:
         if dist.is_initialized():
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return tensor
+
+    def agree(self, flags: list[bool]) -> list[bool]:
+        """Each flag true on any rank -> true on every rank (a CPU all-reduce, no device sync)."""
+        if not dist.is_initialized():
+            return [bool(f) for f in flags]
+        if self._control_group is None:  # made at the first call, which every rank makes together
+            # The flags (stop, save) are host booleans: a CPU group reduces them without
+            # touching the training device's stream.
+            self._control_group = dist.new_group(backend="gloo")
+        t = torch.tensor([float(f) for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
+        return [bool(v > 0) for v in t.tolist()]
 
     def barrier(self) -> None:
         if dist.is_initialized():
