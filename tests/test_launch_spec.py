@@ -1,6 +1,7 @@
 """Launch spec, site defaults and the rendered sbatch script (no SLURM needed)."""
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from lspretrain.launch.site import SiteConfigError, SiteDefaults, load_site_defaults, site_config_path
 from lspretrain.launch.spec import LaunchError, LaunchSpec, sbatch_script
-from lspretrain.launch.submit import build_spec, parse_args
+from lspretrain.launch.submit import build_spec, main, parse_args
 
 NASTY = """it's a "quoted" run; $(touch /tmp/pwned) `x` \\ end"""
 
@@ -93,12 +94,33 @@ def test_cpu_job_has_one_task_per_node_and_no_gpu_request(recipe, tmp_path):
         (["{recipe}", "--gpus-per-node", "-1"], "--gpus-per-node=-1"),
         (["{recipe}", "notanoverride"], "override 'notanoverride'"),
         (["{recipe}", "--timeout-min", "1"], "signal lead 120 s >= time limit 1 min"),
+        (["{recipe}", "--name", "two\nlines"], r"--name 'two\\nlines': control characters"),
     ],
 )
 def test_validation_names_the_value_at_fault(recipe, tmp_path, argv, message):
     args = parse_args([a.format(recipe=recipe) for a in argv] + ["--run-dir", str(tmp_path)])
     with pytest.raises(LaunchError, match=message):
         build_spec(args, SiteDefaults()).validate()
+
+
+@pytest.mark.parametrize("name", ["../../../escape", "a/b", "..", "."])
+def test_a_name_that_is_not_one_file_name_cannot_name_the_run_directory(recipe, tmp_path, name):
+    site = SiteDefaults(run_root=str(tmp_path / "runs"))
+    with pytest.raises(LaunchError, match=re.escape(f"--name {name!r}: the run directory would be <run_root>/<name>")):
+        build_spec(parse_args([str(recipe), "--name", name]), site)
+    # With an explicit run directory the name is only the job name.
+    spec = build_spec(parse_args([str(recipe), "--name", name, "--run-dir", str(tmp_path / "r")]), site)
+    assert spec.name == name and spec.run_dir == (tmp_path / "r").resolve()
+
+
+def test_escaping_name_is_refused_before_anything_is_created(recipe, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "deep" / "er" / "runs"
+    site = tmp_path / "site.yaml"
+    site.write_text(f"run_root: {root}\n")
+    monkeypatch.setenv("LSPRETRAIN_SITE_CONFIG", str(site))
+    assert main([str(recipe), "--name", "../../../escape", "--local"]) == 2
+    assert capsys.readouterr().err.startswith("error: --name '../../../escape': the run directory would be")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "site.yaml"]
 
 
 def test_spec_is_frozen(recipe, tmp_path):

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchError", "LaunchSpec", "SlurmOptions", "check_partition", "sbatch_parameters", "sbatch_script", "submitit_folder"]
+__all__ = [
+    "ClusterUnreachable", "LaunchError", "LaunchSpec", "SlurmOptions", "check_partition", "check_run_name",
+    "sbatch_parameters", "sbatch_script", "submitit_folder",
+]
 
 # submitit picks its preemption signal from this variable at import time, in the client and in
 # the job; USR1 is the signal the trainer itself turns into "checkpoint at the next step".
@@ -24,6 +27,10 @@ PREEMPT_SIGNAL = "USR1"
 
 class LaunchError(ValueError):
     """A launch request that cannot work; raised before anything is submitted."""
+
+
+class ClusterUnreachable(LaunchError):
+    """The SLURM client is installed but no controller answered: nothing can be checked or submitted."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +75,9 @@ class LaunchSpec(SlurmOptions):
         return shlex.join(["python", "-m", "lspretrain.train", *self.trainer_argv()])
 
     def validate(self) -> None:
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.name):
+            # The name goes into a line of the sbatch script: a newline would end that line.
+            raise LaunchError(f"--name {self.name!r}: control characters (newline, tab, ...) cannot be in a job name")
         if not self.recipe.is_file():
             raise LaunchError(f"recipe {str(self.recipe)!r} does not exist (or is not a file)")
         for key in ("nodes", "timeout_min"):
@@ -86,6 +96,16 @@ class LaunchSpec(SlurmOptions):
                 f"signal lead {self.signal_lead_s} s >= time limit {self.timeout_min} min: the job would be "
                 "told to checkpoint as soon as it starts; raise --timeout-min or lower signal_lead_s in the site file"
             )
+
+
+def check_run_name(name: str) -> str:
+    """``name``, refused unless it is one plain file name: the default run directory is
+    ``<run_root>/<name>``, and a ``/`` or ``..`` would put it elsewhere."""
+    if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
+        raise LaunchError(f"--name {name!r}: the run directory would be <run_root>/<name>, so the name must be one "
+                          "file name (no '/', not '.' or '..', at most 255 bytes); choose another --name or give "
+                          "--run-dir")
+    return name
 
 
 def submitit_folder(spec: LaunchSpec) -> Path:
@@ -126,16 +146,31 @@ def sbatch_script(spec: LaunchSpec, python: str = sys.executable) -> str:
     return _make_sbatch_string(command=command, folder=folder, **sbatch_parameters(spec))
 
 
+def _slurm(*cmd: str) -> tuple[int | None, str, str]:
+    """(exit code, stdout, stderr) of a SLURM client command; code None when it hangs."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None, "", f"{cmd[0]}: no answer within 60 s"
+    return done.returncode, done.stdout, done.stderr
+
+
 def check_partition(partition: str | None) -> None:
-    """Refuse a partition the cluster does not have (only where the SLURM client is installed)."""
-    if partition is None or shutil.which("scontrol") is None:
+    """Refuse a partition the cluster does not have (only where the SLURM client is installed);
+    raise ``ClusterUnreachable`` when no controller answers, which is not the partition's fault."""
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
         return
-    shown = subprocess.run(["scontrol", "show", "partition", partition], capture_output=True, text=True)
-    if shown.returncode == 0:
+    code, listed, err = _slurm("sinfo", "-h", "-a", "-o", "%R")
+    if code != 0:
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
+        raise ClusterUnreachable(f"no SLURM controller answered ({lines[-1] if lines else f'sinfo exit {code}'})")
+    if partition is None:
         return
-    listed = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True)
-    known = sorted(set(listed.stdout.split())) if listed.returncode == 0 else []
+    code, out, err = _slurm("scontrol", "show", "partition", partition)
+    if code == 0:
+        return
+    known = sorted(set(listed.split()))
     raise LaunchError(
         f"partition {partition!r} does not exist on this cluster"
-        + (f" (available: {', '.join(known)})" if known else f": {shown.stderr.strip() or shown.stdout.strip()}")
+        + (f" (available: {', '.join(known)})" if known else f": {err.strip() or out.strip()}")
     )

@@ -10,7 +10,10 @@ import submitit
 
 from .job import TrainJob
 from .site import SiteConfigError, SiteDefaults, load_site_defaults
-from .spec import LaunchError, LaunchSpec, SlurmOptions, check_partition, sbatch_parameters, sbatch_script, submitit_folder
+from .spec import (
+    ClusterUnreachable, LaunchError, LaunchSpec, SlurmOptions, check_partition, check_run_name, sbatch_parameters,
+    sbatch_script, submitit_folder,
+)
 
 __all__ = ["build_spec", "main", "parse_args", "submit"]
 
@@ -45,7 +48,7 @@ def build_spec(args: argparse.Namespace, site: SiteDefaults) -> LaunchSpec:
 
     return LaunchSpec(
         recipe=args.recipe.resolve(),
-        run_dir=(args.run_dir or Path(site.run_root) / name).resolve(),
+        run_dir=(args.run_dir or Path(site.run_root) / check_run_name(name)).resolve(),
         name=name,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -98,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = build_spec(args, load_site_defaults())
         spec.validate()
         if not spec.local:
-            check_partition(spec.partition)
+            try:
+                check_partition(spec.partition)
+            except ClusterUnreachable as err:
+                if not args.dry_run:
+                    raise LaunchError(f"{err}: nothing submitted (--dry-run prints the script without a cluster)")
+                print(f"warning: {err}: partition {spec.partition!r} not checked; the script is printed anyway",
+                      file=sys.stderr)
         config = resolved_config(spec)
     except (LaunchError, SiteConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
