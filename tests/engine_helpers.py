@@ -1,12 +1,15 @@
 """Helpers for the engine tests: tiny recipes, multi-process gloo runs, loader wrappers that
-inject faults (a signal at step k, NaN images), a logger that records every step."""
+inject faults (a signal at step k, NaN images), a logger that records every step, and test-only
+methods registered for the duration of a fixture (``ema_method`` in conftest.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,7 +43,7 @@ class Recorder:
     def __init__(self, run_dir, rank: int):
         self.path = Path(run_dir) / "steps.jsonl" if rank == 0 else None
 
-    def log(self, step: int, scalars: dict, images=None, tokens=None) -> None:
+    def log(self, step: int, scalars: dict, images=None, tokens=None, console=None) -> None:
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
@@ -151,19 +154,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, recipe: dict, kwargs: dict) -> None:
+def _child(rank: int, world_size: int, port: int, recipe: dict, kwargs: dict, test_methods: list[str]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    run_worker(recipe, exit_hard=True, **kwargs)
+    with registered_methods(*test_methods):
+        run_worker(recipe, exit_hard=True, **kwargs)
 
 
 def spawn(world_size: int, recipe: dict, **kwargs) -> dict:
-    """Run ``recipe`` on ``world_size`` gloo ranks (torch.multiprocessing spawn); rank 0's result."""
-    mp.spawn(_child, args=(world_size, free_port(), recipe, kwargs), nprocs=world_size, join=True)
+    """Run ``recipe`` on ``world_size`` gloo ranks (torch.multiprocessing spawn); rank 0's result.
+    The ranks see the test methods registered here (a spawned process starts from a fresh registry)."""
+    from lspretrain.methods import METHODS
+
+    test_methods = [name for name in TEST_METHODS if name in METHODS]
+    mp.spawn(_child, args=(world_size, free_port(), recipe, kwargs, test_methods), nprocs=world_size, join=True)
     return json.loads(Path(recipe["run"]["dir"], "result_rank0.json").read_text())
 
 
-def _register_ema_method() -> None:
+def _classification_ema():
     """``classification_ema``: the classifier plus an EMA teacher backbone (momentum 0.5) whose
     loss is logged as ``teacher_loss``, so a test sees whether ``strategy.ema_update`` on
     sharded parameters gives the 1-rank result."""
@@ -171,7 +179,7 @@ def _register_ema_method() -> None:
 
     import torch.nn.functional as F
 
-    from lspretrain.methods import METHOD_CONFIGS, METHODS, Classification, ClassificationConfig
+    from lspretrain.methods import Classification, ClassificationConfig
 
     class ClassificationEMA(Classification):
         config_class = ClassificationConfig
@@ -196,8 +204,30 @@ def _register_ema_method() -> None:
         def after_step(self, step, strategy):
             strategy.ema_update(self.teacher, self.backbone, 0.5)
 
-    METHODS["classification_ema"] = ClassificationEMA
-    METHOD_CONFIGS["classification_ema"] = ClassificationConfig
+    return ClassificationEMA
 
 
-_register_ema_method()
+# Methods that exist for tests only: name -> builder of the class. Registered in the global
+# METHODS registry only inside ``registered_methods`` (the ``ema_method`` fixture), never on import.
+TEST_METHODS = {"classification_ema": _classification_ema}
+
+
+@contextlib.contextmanager
+def registered_methods(*names: str) -> Iterator[None]:
+    """``names`` (from ``TEST_METHODS``) in ``METHODS``/``METHOD_CONFIGS`` for the duration of
+    the block; afterwards both registries hold exactly what they held before."""
+    from lspretrain.methods import METHOD_CONFIGS, METHODS
+
+    saved = {name: (METHODS.get(name), METHOD_CONFIGS.get(name)) for name in names}
+    for name in names:
+        cls = TEST_METHODS[name]()
+        METHODS[name], METHOD_CONFIGS[name] = cls, cls.config_class
+    try:
+        yield
+    finally:
+        for name, (cls, config) in saved.items():
+            for registry, old in ((METHODS, cls), (METHOD_CONFIGS, config)):
+                if old is None:
+                    registry.pop(name, None)
+                else:
+                    registry[name] = old

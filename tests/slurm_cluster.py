@@ -4,9 +4,8 @@ Everything (keys, sockets, state, spool, logs) lives in one temp dir. The two sl
 simulated nodes ``n1`` and ``n2`` on the same machine; their names do not resolve, which is
 exactly what the launcher's MASTER_ADDR fallback has to cope with.
 
-Usage from a test module (tests/ has no __init__.py, so sibling modules import directly)::
-
-    from slurm_cluster import slurm_cluster  # noqa: F401  (registers the fixture)
+Tests use the session fixture ``slurm_cluster`` defined in tests/conftest.py (one cluster for the
+whole session); ``SlurmCluster`` can also be started on its own.
 
 Teardown cancels every job, stops the daemons it started by pid and then kills, by pid, any
 process still carrying this cluster's SLURM_CONF in its environment (slurmstepd and job tasks
@@ -21,13 +20,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 NODES = ("n1", "n2")
@@ -234,24 +229,3 @@ def _wait_for(pred, timeout_s: float, what: str, log: Path | None, raise_on_time
     if raise_on_timeout:
         tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
         raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Session-wide two-node cluster; SLURM_CONF points at it while the session runs."""
-    if not slurm_available():
-        pytest.skip("SLURM (slurm-wlm) and munge are not installed")
-    root = Path(tempfile.mkdtemp(prefix="lsp-slurm-"))
-    cluster = SlurmCluster(root)
-    previous = os.environ.get("SLURM_CONF")
-    try:
-        cluster.start()
-        os.environ["SLURM_CONF"] = str(cluster.conf)
-        yield cluster
-    finally:
-        cluster.stop()
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
-        shutil.rmtree(root, ignore_errors=True)

@@ -138,7 +138,7 @@ def test_entry_point_as_slurm_tasks(tmp_path, reference):
 
 
 @pytest.mark.parametrize("name", ["fsdp2", "deepspeed-zero3"])
-def test_ema_update_on_sharded_parameters(tmp_path, name):
+def test_ema_update_on_sharded_parameters(tmp_path, name, ema_method):
     """Teacher EMA through ``strategy.ema_update`` on DTensor shards / ZeRO-3 partitions gives
     the teacher of a 1-rank run (its loss, logged every step, is the witness)."""
     ema = {"method": {"name": "classification_ema", "num_classes": 10}}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, slurm_available, slurm_cluster  # noqa: F401
+from slurm_cluster import SlurmCluster, slurm_available
 
 pytestmark = pytest.mark.skipif(not slurm_available(), reason="slurm-wlm and munge are not installed")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import submitit
 import yaml
 
-from slurm_cluster import slurm_available, slurm_cluster  # noqa: F401
+from slurm_cluster import slurm_available
 
 pytestmark = pytest.mark.skipif(not slurm_available(), reason="slurm-wlm and munge are not installed")
 pytest.importorskip("lspretrain.train")
@@ -138,6 +139,21 @@ def test_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch):
     resumed = _resumed_steps(logs)[0]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "preempted" and result["step"] > resumed > 0
+
+
+def test_one_cluster_serves_the_whole_session(slurm_cluster):
+    """The launch modules share the conftest fixture: this session started one slurmctld (a
+    fixture imported into each module would have started one per module and kept them all)."""
+    ours = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        name, rest = stat[stat.find("(") + 1:].rsplit(")", 1) if stat else ("", "")
+        if name == "slurmctld" and int(rest.split()[1]) == os.getpid():  # field 4: the parent pid
+            ours.append(int(entry.name))
+    assert ours == [p.pid for p in slurm_cluster._procs if Path(p.args[0]).name == "slurmctld"]
 
 
 def _resumed_steps(logs: str) -> list[int]:
