@@ -55,10 +55,11 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("target", ["wrapper", "workers"])
-def test_torchrun_wrapper_exits_75_when_the_run_is_preempted(tmp_path, target):
-    """SIGTERM to the wrapper (forwarded once through torchrun), or SIGUSR1 to the workers
-    themselves: they save a checkpoint and exit 75, torchrun exits 1, the wrapper exits 75."""
+@pytest.mark.parametrize("target, sig", [("wrapper", signal.SIGTERM), ("wrapper", signal.SIGINT),
+                                         ("workers", signal.SIGUSR1)])
+def test_torchrun_wrapper_exits_75_when_the_run_is_preempted(tmp_path, target, sig):
+    """SIGTERM or Ctrl-C to the wrapper (forwarded once through torchrun), or SIGUSR1 to the
+    workers themselves: they save a checkpoint and exit 75, torchrun exits 1, the wrapper 75."""
     run_dir = tmp_path / "run"
     cmd = [str(REPO / "launchers" / "train_local.sh"), "2", str(RECIPE), "strategy.name=ddp", "run.total_steps=100000",
            "checkpoint.every=5", "log.every=100", f"run.dir={run_dir}"]
@@ -70,24 +71,24 @@ def test_torchrun_wrapper_exits_75_when_the_run_is_preempted(tmp_path, target):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
         if target == "wrapper":
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         else:
             workers = [p for p in _descendants(proc.pid) if "lspretrain.train" in Path(f"/proc/{p}/cmdline").read_text()
                        and "torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_text()]
             assert len(workers) == 2
             for pid in workers:
-                os.kill(pid, signal.SIGUSR1)
+                os.kill(pid, sig)
         _, err = proc.communicate(timeout=120)
     finally:
         for pid in [proc.pid, *_descendants(proc.pid)] if proc.poll() is None else ():
             os.kill(pid, signal.SIGKILL)
     result = json.loads((run_dir / "result.json").read_text())
     assert proc.returncode == 75, err[-3000:]
-    assert result["status"] == "preempted" and result["step"] >= 5
+    assert (result["status"], result["reason"]) == ("preempted", sig.name) and result["step"] >= 5
     assert result["checkpoint"] == str(run_dir / "checkpoints" / f"step_{result['step']:08d}")
-    assert err.splitlines()[-1] == (f"train_local.sh: run preempted at step {result['step']}, newest checkpoint "
-                                    f"{result['checkpoint']}; exit 75 instead of torchrun's 1 (its failure report "
-                                    "above is expected); run the same command to resume")
+    assert err.splitlines()[-1] == (f"train_local.sh: the run ended 'preempted' at step {result['step']}, newest "
+                                    f"checkpoint {result['checkpoint']}; exit 75 instead of torchrun's 1 (its failure "
+                                    "report above is expected); run the same command to resume")
 
 
 def test_submit_local_runs_the_trainer_through_submitit(tmp_path):

@@ -2,19 +2,24 @@
 
 torchrun treats any non-zero worker exit as a failure: after a preemption every worker exits 75
 (checkpoint saved), yet torchrun prints a ``ChildFailedError`` report and exits 1. This wrapper
-runs torchrun and, when torchrun fails, exits with what the run wrote into ``RUN/result.json``
-during this attempt: 75 preempted, 3 aborted (anything else keeps torchrun's code).
+runs torchrun and, when torchrun fails, exits with the code of the status the run wrote into
+``RUN/result.json`` during this attempt (75 preempted, 3 aborted, 4 bad data, 130 interrupted;
+anything else keeps torchrun's code).
 
-Signals: torchrun runs in its own session, so a stop request reaches it exactly once, from here.
-The first SIGTERM, SIGUSR1, SIGINT (Ctrl-C) or SIGHUP sent to the wrapper becomes one SIGTERM to
-torchrun, which forwards it to the workers; they finish the current step, save a checkpoint and
-exit 75. torchrun kills workers that take longer than its shutdown timeout
-(``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by default). Later signals are not forwarded: a second
-SIGTERM inside torchrun's shutdown would cut its wait for the workers short.
+Signals: torchrun runs in its own session, so a stop request reaches it exactly once, from here
+(in a terminal, Ctrl-C would otherwise reach the workers twice: directly and through torchrun,
+and a second Ctrl-C abandons the step). The first SIGINT (Ctrl-C) sent to the wrapper is
+forwarded to torchrun as SIGINT, the first SIGTERM, SIGUSR1 or SIGHUP as SIGTERM; torchrun passes
+it to the workers, which finish the current step, save a checkpoint and exit 75. torchrun kills
+workers that take longer than its shutdown timeout (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by
+default). A second Ctrl-C goes to the workers directly (they abandon the step, exit 130); other
+repeated signals are not forwarded: a second signal inside torchrun's shutdown would cut its wait
+for the workers short.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -23,11 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..train import EXIT_ABORTED, EXIT_BAD_DATA, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PREEMPTED
+
 __all__ = ["main"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
-EXIT_CONFIG = 2
-EXIT_FOR_STATUS = {"aborted": 3, "preempted": 75}  # lspretrain.train's codes
+EXIT_FOR_STATUS = {"aborted": EXIT_ABORTED, "bad_data": EXIT_BAD_DATA, "preempted": EXIT_PREEMPTED,
+                   "interrupted": EXIT_INTERRUPTED}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -56,6 +63,19 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's workers), from /proc; none elsewhere."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state: the parent pid
+            found.append(int(entry.name))
+    return found
+
+
 def _stop_with_parent() -> None:
     # Runs in the child before exec: if this wrapper is killed outright, torchrun gets SIGTERM
     # (and stops its workers with a checkpoint) instead of training on unattended.
@@ -72,14 +92,20 @@ def _run_torchrun(cmd: list[str]) -> int:
 
     def forward(signum, frame):
         name = signal.Signals(signum).name
-        if forwarded:
+        if not forwarded:
+            forwarded.append(name)
+            print(f"train_local.sh: {name}: asking the workers to stop after the current step with a checkpoint"
+                  + (" (Ctrl-C again to abandon the step)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        elif signum == signal.SIGINT:
+            print("train_local.sh: SIGINT again: the workers abandon the step", file=sys.stderr, flush=True)
+            for pid in _children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
+        else:
             print(f"train_local.sh: {name}: already stopping (after {forwarded[0]}); torchrun kills workers that "
                   "outlast its shutdown timeout", file=sys.stderr, flush=True)
-            return
-        forwarded.append(name)
-        print(f"train_local.sh: {name}: asking the workers to stop after the current step with a checkpoint",
-              file=sys.stderr, flush=True)
-        proc.send_signal(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
@@ -115,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if status not in EXIT_FOR_STATUS:
         return code
     mapped = EXIT_FOR_STATUS[status]
-    print(f"train_local.sh: run {status} at step {summary.get('step')}, newest checkpoint "
+    print(f"train_local.sh: the run ended {status!r} at step {summary.get('step')}, newest checkpoint "
           f"{summary.get('checkpoint')}; exit {mapped} instead of torchrun's {code} (its failure report above is "
           "expected)" + ("; run the same command to resume" if status == "preempted" else ""), file=sys.stderr)
     return mapped
