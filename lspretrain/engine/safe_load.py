@@ -70,8 +70,8 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file that holds more than data: loading it could run code."""
 
 
-# Everything a DCP .metadata file holds (found by unpickling the metadata of fsdp2, ddp and
-# single saves of both methods, sync and async): DCP's metadata dataclasses, the storage
+# Everything a DCP .metadata file holds (found by unpickling the metadata of single-process and
+# fsdp2 saves, classification and DINOv2, sync and async): DCP's metadata dataclasses, the storage
 # record of its file system writer, torch.Size, dtypes and layouts, and the checkpoint's path.
 _DCP_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
