@@ -63,8 +63,11 @@ class ClassificationConfig:
     mixup_switch_prob: float = 0.5
     repeats: int = 1  # repeated augmentation: views per decoded image (DeiT: 3)
     ema_momentum: float = 0.0  # model EMA; 0: none (DeiT: 0.99996)
-    # initialization (fine-tuning): backbone file or run directory / checkpoint step directory
+    # initialization (fine-tuning): backbone file or run directory / checkpoint step directory, or
+    # with init_from_format timm / dinov2 / hf a released plain checkpoint; specialized as model.spec
+    # (lspretrain/methods/init_from.py)
     init_from: str = ""
+    init_from_format: str = ""
     init_which: Optional[str] = None  # backbone in a training checkpoint: model / ema (lspretrain.convert)
     init_head: bool = False  # also take the head (a training checkpoint with the same num_classes)
 
@@ -90,6 +93,11 @@ class ClassificationConfig:
             fail("rrc_scale", "[min, max] with 0 < min <= max <= 1")
         if self.init_head and not self.init_from:
             fail("init_head", "false without method.init_from")
+        from .init_from import check_init_format
+
+        check_init_format(self.init_from_format, "method.init_from_format")
+        if self.init_from_format and not self.init_from:
+            fail("init_from_format", "'' without method.init_from (the file to read)")
 
     @property
     def mixes(self) -> bool:
@@ -156,13 +164,9 @@ class Classification(Method):
             if cfg.ema_momentum > 0 else None
 
     def _init_from(self, path: str) -> None:
-        from ..convert import read_source
+        from .init_from import init_backbone
 
-        src = read_source(path, self.cfg.init_which)
-        try:  # strict; VisionTransformer.load_state_dict resamples pos_embed to this grid
-            self.backbone.load_state_dict({k: v.float() for k, v in src.state_dict.items()})
-        except RuntimeError as err:
-            raise ValueError(f"method.init_from={path!r}: backbone does not fit model.arch/spec/overrides: {err}") from None
+        init_backbone(self.backbone, path, self.cfg.init_from_format, self.cfg.init_which)
         if self.cfg.init_head:
             head = _read_head(Path(path), "ema." if self.cfg.init_which == "ema" else "")
             if head["weight"].shape != self.head.weight.shape:

@@ -3,14 +3,17 @@
 Implements the ``Method`` protocol (``methods/base.py``). The meta-architecture is split the dinov3 way: ``get_teacher_output`` (no grad, centred and
 sharpened targets), ``get_student_output`` (masked globals + locals through the student),
 ``compute_losses``. The teacher is an EMA of the student (same specialization preset); the
-update goes through the strategy so it works on sharded parameters.
+update goes through the strategy so it works on sharded parameters. ``init_from`` continues
+pretraining from released or trained weights (``methods/init_from.py``), with the heads trained
+alone for ``freeze_backbone_steps``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -56,6 +59,25 @@ class DINOv2Config:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     mask_probability: float = 0.5
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    # continued pretraining (lspretrain/methods/init_from.py): student and teacher backbones from
+    # a backbone file or a run ("" format), or a released plain checkpoint (timm / dinov2 / hf),
+    # specialized as model.spec; the heads fresh, or from head_init_from
+    init_from: str = ""
+    init_from_format: str = ""
+    init_which: Optional[str] = None  # backbone / heads in a training checkpoint (default: the teacher)
+    head_init_from: str = ""
+    # the heads train alone for the first steps: the student backbone runs without autograd (no
+    # gradient: AdamW and LAMB neither move nor decay it, its moments stay fresh); single / fsdp2
+    freeze_backbone_steps: int = 0
+
+    def __post_init__(self) -> None:
+        from .init_from import check_init_format
+
+        check_init_format(self.init_from_format, "method.init_from_format")
+        if self.init_from_format and not self.init_from:
+            raise ValueError(f"method.init_from_format={self.init_from_format!r} without method.init_from (the file to read)")
+        if self.freeze_backbone_steps < 0:
+            raise ValueError(f"method.freeze_backbone_steps={self.freeze_backbone_steps}: expected >= 0")
 
 
 def teacher_temperature(cfg: DINOv2Config, step: int) -> float:
@@ -70,6 +92,23 @@ def teacher_momentum(cfg: DINOv2Config, step: int, total_steps: int) -> float:
     """Cosine from ``momentum_teacher`` to ``final_momentum_teacher`` over the run."""
     frac = min(step / max(total_steps, 1), 1.0)
     return cfg.final_momentum_teacher - (cfg.final_momentum_teacher - cfg.momentum_teacher) * (math.cos(math.pi * frac) + 1) / 2
+
+
+def _fresh_optimizer_state(optimizer: torch.optim.Optimizer, params) -> None:
+    """Give ``params`` (the frozen backbone's, which have had no gradient yet) the state AdamW and
+    LAMB create at a first gradient: step 0 and zero moments, which update exactly as no state.
+    A checkpoint taken while the backbone is frozen then holds optimizer state for every
+    parameter, as a resumed run expects: DCP loads the state of every parameter of its fresh
+    optimizer, so a missing entry would make the resume fail."""
+    from ..engine.optim import Lamb
+
+    if not isinstance(optimizer, (torch.optim.AdamW, Lamb)):
+        raise TypeError(f"method.freeze_backbone_steps: optimizer {type(optimizer).__name__} (AdamW or LAMB expected)")
+    for p in params:
+        if not optimizer.state.get(p):
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 class _Branch(nn.Module):
@@ -100,6 +139,17 @@ class DINOv2(Method):
         self.total_steps = 1  # the trainer sets the run's length (teacher momentum schedule)
         overrides = {"mask_token": True, **model_cfg.overrides}
         self.student = _Branch(build_backbone(model_cfg.arch, model_cfg.spec, **overrides), cfg)
+        if cfg.init_from or cfg.head_init_from:
+            from .init_from import init_backbone, init_heads
+
+            if cfg.init_from:
+                init_backbone(self.student.backbone, cfg.init_from, cfg.init_from_format, cfg.init_which)
+            if cfg.head_init_from:
+                heads = {"dino_head": self.student.dino_head}
+                if self.student.ibot_head is not None:
+                    heads["ibot_head"] = self.student.ibot_head
+                init_heads(heads, cfg.head_init_from, cfg.init_which)
+        # After any init_from: the teacher starts as an exact copy of the student.
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         # The teacher never drops paths: it sees the full network, as in DINOv2.
@@ -143,10 +193,14 @@ class DINOv2(Method):
         for head in self.student.heads():
             head.freeze_last_layer = step < self.cfg.freeze_last_layer_steps
         masks = batch["masks"]
-        glob = self.student.backbone.forward_features(batch["global_crops"], masks=masks)
-        cls_tokens = [glob["cls_norm"]]
-        if batch["local_crops"].numel():
-            cls_tokens.append(self.student.backbone.forward_features(batch["local_crops"])["cls_norm"])
+        # A frozen backbone runs without autograd: its parameters get no gradient at all (None,
+        # not zero), which torch's AdamW and our LAMB skip, weight decay included.
+        frozen = step < self.cfg.freeze_backbone_steps
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            glob = self.student.backbone.forward_features(batch["global_crops"], masks=masks)
+            cls_tokens = [glob["cls_norm"]]
+            if batch["local_crops"].numel():
+                cls_tokens.append(self.student.backbone.forward_features(batch["local_crops"])["cls_norm"])
         # One head pass over every crop's CLS token (the head is the same for all of them).
         logits = self.student.dino_head(torch.cat(cls_tokens))
         n_images = batch["global_crops"].shape[0] // 2
@@ -175,6 +229,8 @@ class DINOv2(Method):
         return teacher_momentum(self.cfg, step, self.total_steps)
 
     def after_step(self, step: int, strategy) -> None:
+        if step < self.cfg.freeze_backbone_steps:
+            _fresh_optimizer_state(strategy.optimizer, self.student.backbone.parameters())
         strategy.ema_update(self.teacher, self.student, self.momentum(step))
 
     # -- evaluation ------------------------------------------------------------------------
@@ -201,6 +257,12 @@ class DINOv2(Method):
         from ..data import DINOv2Collate, DINOv2MultiCrop, build_loader
 
         c = self.cfg
+        if c.freeze_backbone_steps and cfg.strategy.name in ("ddp", "deepspeed"):
+            # Checked here, the first hook that sees the strategy, before the strategy is set up.
+            # DDP requires a gradient for every parameter each step, and ZeRO fills missing ones
+            # with zeros that its optimizer then decays: neither leaves the backbone untouched.
+            raise ValueError(f"method.freeze_backbone_steps={c.freeze_backbone_steps} needs strategy.name single or "
+                             f"fsdp2 (a frozen backbone has no gradients), not {cfg.strategy.name}")
         crops = DINOv2MultiCrop(global_size=c.global_crop_size, local_size=c.local_crop_size, n_local=c.n_local_crops,
                                 global_scale=tuple(c.global_crops_scale), local_scale=tuple(c.local_crops_scale))
         collate = DINOv2Collate(patch_size=self.student.backbone.cfg.patch_size, global_size=c.global_crop_size,
