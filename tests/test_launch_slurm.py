@@ -67,6 +67,8 @@ def test_dry_run_without_a_reachable_cluster_warns_and_prints_the_script(tmp_pat
     assert warning.startswith("warning: no SLURM controller answered (") and "does not exist" not in warning
     assert warning.endswith("): partition 'debug' not checked; the script is printed anyway")
     assert "#SBATCH --partition=debug" in dry.stdout.split("# sbatch script\n")[1]
+    if kind == "dead":
+        return  # the refusal below is the same code path; a dead controller costs ~9 s per call
     real = _submit(*args, cwd=tmp_path, env=env)
     assert real.returncode == 2 and real.stderr.startswith("error: no SLURM controller answered (")
     assert real.stderr.rstrip().endswith("): nothing submitted (--dry-run prints the script without a cluster)")
