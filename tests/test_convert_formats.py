@@ -245,7 +245,8 @@ def test_layerscale_spec_on_a_checkpoint_without_layerscale_is_refused_in_one_li
     # A DeiT-style timm ViT (vit_small_patch16_224 has no ls1/ls2): 'paper' would specialize LayerScale.
     source = tmp_path / "deit.safetensors"
     write(Backbone.from_model(plain("deit3")), "timm", source)
-    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(source), "--from", "timm", "--to", "torch"]
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), str(source), "--from", "timm",
+            "--to", "torch"]
     bad = subprocess.run(tool + ["--spec", "paper", "--out", str(tmp_path / "p.pt")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.splitlines()[-1] == (f"error: {source}: --spec paper specializes LayerScale, but this checkpoint "
