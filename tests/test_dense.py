@@ -116,6 +116,23 @@ def test_probe_refuses_bad_settings(tmp_path):
         DenseProbe(DenseEvalConfig(index=train, val_index=train, img_size=18)).evaluate(ColourBackbone())
 
 
+def test_masks_with_stray_labels_are_skipped_and_named(tmp_path, caplog):
+    """Shards written elsewhere, with an index that names no classes: num_classes from the
+    config, and a mask holding a value that is neither a class nor ignore is skipped."""
+    rng = np.random.default_rng(0)
+    items = [Item(f"s{i}", -1, *_blocks(rng, 4, 4)) for i in range(4)]
+    items[2].mask[0, 0] = 7
+    write_shards(items, str(tmp_path), "s", num_workers=1, masks=MaskOptions(8, ignore_value=IGNORE_INDEX))
+    idx = ShardIndex.load(str(tmp_path / "s-index.json"))
+    ShardIndex(idx.shards).save(str(tmp_path / "bare-index.json"))  # as `make_shards.py index` writes it
+    bare = str(tmp_path / "bare-index.json")
+    with pytest.raises(ValueError, match="names no classes; set num_classes"):
+        DenseProbe(DenseEvalConfig(index=bare, val_index=bare))
+    probe = DenseProbe(DenseEvalConfig(index=bare, val_index=bare, num_classes=3))
+    assert len(probe.train_images) == 3 and probe.class_names == ["0", "1", "2"]
+    assert "s-000000.tar:000000002: mask holds label 7, neither one of the 3 classes nor ignore_index 255" in caplog.text
+
+
 # ---------------------------------------------------------------------------- segmentation source
 def _members(path):
     with tarfile.open(path) as t:

@@ -94,21 +94,25 @@ class DenseEvalConfig:
 
 
 # ------------------------------------------------------------------------------ data
+def _classes(shards: str, index: Optional[str]) -> list[str]:
+    """The class names the index of a split lists (empty when it names none)."""
+    from ..data.shards import resolve_shards
+
+    return resolve_shards(shards, index)[1]
+
+
 @dataclass(frozen=True)
 class SegmentationShards:
     """Re-iterable ``(key, RGB image, (h, w) uint8 mask)`` of the first ``max_samples`` samples,
-    in shard order. A sample without a readable image or mask, or whose mask differs in size,
+    in shard order. A sample without a readable image or mask, whose mask differs in size, or
+    whose mask holds a value that is neither a class below ``num_classes`` nor ``ignore_index``,
     is skipped, counted and named in a warning."""
 
     shards: str
     index: Optional[str]
     max_samples: int
-
-    def resolve(self) -> tuple[list, list[str]]:
-        from ..data.shards import resolve_shards
-
-        shards, classes, _ = resolve_shards(self.shards, self.index)
-        return shards, classes
+    num_classes: int
+    ignore_index: int = IGNORE_INDEX
 
     def __iter__(self) -> Iterator[tuple[str, Image.Image, np.ndarray]]:
         import io
@@ -116,7 +120,9 @@ class SegmentationShards:
         from ..data.decode import DecodeError, decode_image, find_image
         from ..data.tario import iter_tar_samples
 
-        shards, _ = self.resolve()
+        from ..data.shards import resolve_shards
+
+        shards = resolve_shards(self.shards, self.index)[0]
         seen, bad = 0, Counter()
         for shard in shards:
             for raw in iter_tar_samples(shard.url):
@@ -131,6 +137,10 @@ class SegmentationShards:
                         mask = np.asarray(m)
                     if mask.ndim != 2 or mask.shape != (image.size[1], image.size[0]):
                         raise ValueError(f"mask of shape {mask.shape} for a {image.size[0]}x{image.size[1]} image")
+                    stray = mask[(mask >= self.num_classes) & (mask != self.ignore_index)]
+                    if stray.size:
+                        raise ValueError(f"mask holds label {int(stray.max())}, neither one of the {self.num_classes} "
+                                         f"classes nor ignore_index {self.ignore_index}")
                 except (DecodeError, ValueError, OSError) as e:
                     bad[type(e).__name__] += 1
                     log.warning("dense evaluation: skipped %s: %s", key, e)
@@ -281,10 +291,7 @@ class DenseProbe:
     def __init__(self, cfg: DenseEvalConfig):
         cfg.check()
         self.cfg = cfg
-        self.train_source = SegmentationShards(cfg.shards, cfg.index, cfg.max_samples)
-        self.val_source = SegmentationShards(cfg.val_shards, cfg.val_index, cfg.max_val_samples)
-        _, classes = self.train_source.resolve()
-        _, val_classes = self.val_source.resolve()
+        classes, val_classes = _classes(cfg.shards, cfg.index), _classes(cfg.val_shards, cfg.val_index)
         if classes and val_classes and classes != val_classes:
             raise ValueError(f"dense evaluation: the training index names {len(classes)} classes and the validation "
                              f"index {len(val_classes)}, or in another order: {classes[:5]}... vs {val_classes[:5]}...")
@@ -297,8 +304,10 @@ class DenseProbe:
         self.num_classes = cfg.num_classes or len(classes)
         self.class_names = classes or [str(c) for c in range(self.num_classes)]
         budget = cfg.cache_gib * 2**30
-        self.train_images = _images(self.train_source, budget)
-        self.val_images = _images(self.val_source, budget)
+        self.train_images = _images(SegmentationShards(cfg.shards, cfg.index, cfg.max_samples, self.num_classes,
+                                                       cfg.ignore_index), budget)
+        self.val_images = _images(SegmentationShards(cfg.val_shards, cfg.val_index, cfg.max_val_samples,
+                                                     self.num_classes, cfg.ignore_index), budget)
 
     # -- geometry
     def _geometry(self, backbone: nn.Module) -> tuple[int, int, int]:
