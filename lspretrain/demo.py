@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .train import EXIT_PREEMPTED
+
 log = logging.getLogger("lspretrain.demo")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dinov2" / "tiny_cpu.yaml"
 
@@ -66,6 +68,9 @@ def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: t
     log.info("[%s] k-NN at initialization: top-1 %.2f %%", spec, knn_init["top1"])
     result = trainer.fit()
     train_time = time.perf_counter() - start
+    if result.status != "completed":  # stopped (Ctrl-C, SIGTERM): nothing trained to report yet
+        return {"spec": spec, "run_dir": str(run_dir), "status": result.status, "steps": result.step,
+                "checkpoint": result.checkpoint}
     trained = trainer.method.teacher.backbone
     knn_final = knn(trained, *evals)
     log.info("[%s] k-NN after %d steps: top-1 %.2f %%", spec, result.step, knn_final["top1"])
@@ -107,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
 
     evals = (labelled_batches("", shards["train"], img_size, args.knn_train, 500),
              labelled_batches("", shards["test"], img_size, args.knn_test, 500))
-    runs = [train_one(spec, out, shards, args.steps, evals, args.overrides)
-            for spec in [args.spec] + ([args.compare] if args.compare else [])]
+    runs = []
+    try:
+        for spec in [args.spec] + ([args.compare] if args.compare else []):
+            runs.append(train_one(spec, out, shards, args.steps, evals, args.overrides))
+            if runs[-1]["status"] != "completed":
+                print(f"\n[{spec}] stopped at step {runs[-1]['steps']} (checkpoint {runs[-1]['checkpoint']}); "
+                      f"run the same command again to resume", flush=True)
+                return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # outside training (shards, k-NN): the checkpoints are all there is to keep
+        print("\ninterrupted; run the same command again to resume", flush=True)
+        return EXIT_PREEMPTED
     summary = {"runs": runs, "total_wall_time_s": round(time.perf_counter() - start, 1), "shards": shards}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n=== lspretrain demo: DINOv2 on Fashion-MNIST, tiny ViT, CPU ===")

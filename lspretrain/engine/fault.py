@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 __all__ = ["StopRequest", "SkipGuard", "NonFiniteAbort"]
 
@@ -28,6 +29,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        self._first_interrupt = float("-inf")
         self._previous: dict = {}
 
     def request(self, reason: str = "request_stop()") -> None:
@@ -36,10 +38,14 @@ class StopRequest:
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            if self.requested:
+            # Under plain torchrun a terminal's Ctrl-C reaches a worker twice (from the terminal
+            # and forwarded by torchrun): a repeat within a second is the same keypress.
+            if self.requested and time.monotonic() - self._first_interrupt > 1.0:
                 raise KeyboardInterrupt
-            print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abandon it)",
-                  file=sys.stderr, flush=True)
+            if not self.requested:
+                self._first_interrupt = time.monotonic()
+                print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abandon it)",
+                      file=sys.stderr, flush=True)
         self.request(signal.Signals(signum).name)
 
     def install(self) -> bool:

@@ -9,9 +9,10 @@ decodes them again at each evaluation: ImageNet's 50,000 validation images at 19
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Iterator
+
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,12 @@ class LabelledImages:
 
         cfg = DataConfig(shards=self.shards, index=self.index, mode="epoch", batch_size=self.batch_size,
                          num_workers=0, shuffle_window=1, shuffle_shards=False)
-        seen, start, last_report = 0, time.perf_counter(), 0.0
+        progress = Progress("evaluation images", self.max_samples, logger=log)  # this can take minutes
         for batch in build_loader(cfg, EvalTransform(size=self.img_size, crop_pct=1.0), rank=0, world_size=1):
-            take = min(len(batch["labels"]), self.max_samples - seen)
+            take = min(len(batch["labels"]), self.max_samples - progress.done)
             yield {"images": batch["images"][:take], "labels": batch["labels"][:take]}
-            seen += take
-            elapsed = time.perf_counter() - start
-            if elapsed - last_report > 10:  # a line every 10 s: this can take minutes
-                rate = seen / elapsed
-                log.info("evaluation images %d/%d (%.0f/s, ETA %.0f s)", seen, self.max_samples, rate,
-                         (self.max_samples - seen) / rate)
-                last_report = elapsed
-            if seen >= self.max_samples:
+            progress.update(take)
+            if progress.done >= self.max_samples:
                 return
 
     @property
