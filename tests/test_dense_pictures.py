@@ -48,6 +48,10 @@ def test_pca_grid_titles_whole_and_colour_bars_under_norm_columns():
     for title in ("trained (paper_lora): token norm", "trained (paper_lora): PCA", "init: token norm"):
         lines = _wrap(draw, title, font, cell - 8)
         assert " ".join(lines) == title and all(draw.textlength(line, font=font) <= cell - 8 for line in lines)
+    # A word wider than the column (a checkpoint's file name) is cut into pieces that fit.
+    lines = _wrap(draw, "vit_large_patch14_paper_lora.safetensors: PCA", font, 56)
+    assert "".join(lines).replace(" ", "") == "vit_large_patch14_paper_lora.safetensors:PCA"
+    assert len(lines) > 3 and all(draw.textlength(line, font=font) <= 56 for line in lines)
     header = 6 + 15 * len(_wrap(draw, "trained (paper_lora): token norm", font, cell - 8))
     bottom = header + 2 * cell
     # Text in every column's header; the last column's title is not cut at the right edge.

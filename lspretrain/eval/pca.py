@@ -84,13 +84,23 @@ def _to_pil(rgb: torch.Tensor, size: int) -> Image.Image:
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
-    """Greedy word wrap of ``text`` to lines no wider than ``width`` (a longer word keeps its line)."""
-    lines: list[str] = []
+    """Greedy word wrap of ``text`` to lines no wider than ``width``; a word wider than a line
+    (a long file name) is cut into pieces that fit, so nothing runs into the next column."""
+    pieces: list[str] = []
     for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
+        while len(word) > 1 and draw.textlength(word, font=font) > width:
+            n = 1
+            while draw.textlength(word[:n + 1], font=font) <= width:
+                n += 1
+            pieces.append(word[:n])
+            word = word[n:]
+        pieces.append(word)
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and draw.textlength(f"{lines[-1]} {piece}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {piece}"
         else:
-            lines.append(word)
+            lines.append(piece)
     return lines
 
 
