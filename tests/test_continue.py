@@ -42,17 +42,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def official_vit(monkeypatch):
+def official_vit(monkeypatch, required=True):
+    """dinov2's ``DinoVisionTransformer``; without it the test is skipped (or None if not ``required``)."""
     try:
         from dinov2.models.vision_transformer import DinoVisionTransformer
     except ImportError:
         hub = Path(torch.hub.get_dir()) / "facebookresearch_dinov2_main"
         if not (hub / "dinov2" / "models" / "vision_transformer.py").is_file():
-            pytest.skip("the dinov2 repository's model code is not installed (pip install --no-deps dinov2) "
-                        "nor in the torch.hub cache")
+            if required:
+                pytest.skip("the dinov2 repository's model code is not installed (pip install --no-deps dinov2) "
+                            "nor in the torch.hub cache")
+            return None
         monkeypatch.syspath_prepend(str(hub))
         from dinov2.models.vision_transformer import DinoVisionTransformer
     return DinoVisionTransformer
+
+
+def official_model(cls, img_size):
+    """The dinov2 model of ``RELEASED``'s architecture (as the hub builds them: flat blocks)."""
+    return cls(img_size=img_size, patch_size=7, embed_dim=48, depth=3, num_heads=3, init_values=0.1, block_chunks=0)
 
 
 def perturbed(model, seed=0):
@@ -85,10 +93,8 @@ def images(n=4, size=28, seed=1):
 # -- step 0: the official model's function ------------------------------------------------------
 @pytest.mark.parametrize("spec", ["none", "paper"])
 def test_teacher_at_step0_computes_the_official_dinov2_outputs(tmp_path, monkeypatch, spec):
-    DinoVisionTransformer = official_vit(monkeypatch)
     torch.manual_seed(0)
-    official = perturbed(DinoVisionTransformer(img_size=56, patch_size=7, embed_dim=48, depth=3, num_heads=3,
-                                               init_values=0.1, block_chunks=0))
+    official = perturbed(official_model(official_vit(monkeypatch), 56))
     torch.save(official.state_dict(), tmp_path / "dinov2_release.pth")  # a bare state dict, as the hub's files
     m = dinov2_method(spec, init_from=str(tmp_path / "dinov2_release.pth"), init_from_format="dinov2")
     x = images()
@@ -127,6 +133,27 @@ def test_register_checkpoint_keeps_its_registers(tmp_path, name):
         grid = source.pos_embed.detach()[:, 1:].reshape(1, 8, 8, 48).permute(0, 3, 1, 2)
         want = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 16, 48)
         torch.testing.assert_close(backbone.pos_embed.detach()[:, 1:], want)
+
+
+@pytest.mark.parametrize("read_as,written_as,name", [("dinov2", "dinov2", "d.safetensors"), ("hf", "hf", "hf"),
+                                                      ("timm", "timm", "t.safetensors"), ("", "torch", "plain.pt"),
+                                                      ("", "safetensors", "paper.safetensors")])
+def test_every_source_starts_the_run_at_the_source_function(tmp_path, read_as, written_as, name):
+    """Released layouts and our own files, plain or already specialized: at the recipe's 28 px
+    the teacher computes what the 56 px source computes on the same input (our ViT, like HF and
+    the dinov2 layout our converter writes, resizes its positions bicubically at run time)."""
+    source = perturbed(create_vit("vit_tiny_patch14", **RELEASED))
+    bb = Backbone.from_model(source)
+    if name.startswith("paper"):  # specialized beforehand: convert_checkpoint.py --from dinov2 --spec paper
+        write(bb, "dinov2", tmp_path / "d.pth")
+        bb = read_released(tmp_path / "d.pth", "dinov2", spec="paper", num_heads=3)
+    write(bb, written_as, tmp_path / name)
+    m = dinov2_method("paper", init_from=str(tmp_path / name), init_from_format=read_as)
+    x = images()
+    with torch.no_grad():
+        want, got = source.forward_features(x), m.teacher.backbone.forward_features(x)
+    for k in ("cls_norm", "patches_norm"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5)
 
 
 # -- refusals, before any work --------------------------------------------------------------------
@@ -306,9 +333,16 @@ def continue_recipe(run_dir, index, spec, release) -> dict:
 
 
 @pytest.mark.parametrize("spec", ["none", "paper"])
-def test_continued_run_starts_from_the_release_resumes_exactly_and_exports(tmp_path, fashion_mnist, spec):
+def test_continued_run_starts_from_the_release_resumes_exactly_and_exports(tmp_path, monkeypatch, fashion_mnist, spec):
+    """From weights made by dinov2's own model code where it is installed, else by our converter."""
     release = tmp_path / "release.pth"
-    source = ours_released(release)
+    official = official_vit(monkeypatch, required=False)
+    if official is None:
+        source = ours_released(release)
+    else:
+        torch.manual_seed(0)
+        source = perturbed(official_model(official, 56))
+        torch.save(source.state_dict(), release)
     full = run_worker(continue_recipe(tmp_path / "full", fashion_mnist, spec, release))
     assert full["status"] == "completed" and full["step"] == STEPS
     stopped = run_worker(continue_recipe(tmp_path / "resumed", fashion_mnist, spec, release), signal_at=0)
@@ -350,7 +384,26 @@ def test_continued_run_starts_from_the_release_resumes_exactly_and_exports(tmp_p
         out = back.forward_features(x)
     for k in ("cls_norm", "patches_norm"):
         assert torch.equal(out[k], ref[k]), k
-    assert not torch.allclose(ref["cls_norm"], source.forward_features(x)["cls_norm"].detach())  # it trained
+    if spec == "none" and official is not None:  # and dinov2's own model runs the exported file
+        theirs = official_model(official, 28).eval()
+        theirs.load_state_dict(exported, strict=True)
+        with torch.no_grad():
+            out = theirs.forward_features(x)
+        torch.testing.assert_close(out["x_norm_clstoken"], ref["cls_norm"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["x_norm_patchtokens"], ref["patches_norm"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        before = source.forward_features(x)
+    before = before["cls_norm"] if official is None else before["x_norm_clstoken"]
+    assert not torch.allclose(ref["cls_norm"], before)  # it trained
+
+    # Another run continues from this one: its teacher backbone, and its teacher heads on request.
+    from lspretrain.engine.safe_load import dcp_load
+
+    again = dinov2_method(spec, init_from=str(tmp_path / "full"), head_init_from=str(tmp_path / "full"))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in again.student.backbone.state_dict().items())
+    saved = {"model.teacher.dino_head.last_layer.weight": torch.empty(HEADS["head_prototypes"], HEADS["head_bottleneck_dim"])}
+    dcp_load(saved, tmp_path / "full" / "checkpoints" / f"step_{STEPS:08d}" / "state", no_dist=True)
+    assert torch.equal(again.teacher.dino_head.last_layer.weight, saved["model.teacher.dino_head.last_layer.weight"])
 
 
 # -- DeiT-III from timm weights --------------------------------------------------------------------------
