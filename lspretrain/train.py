@@ -43,7 +43,12 @@ def run(cfg) -> int:
     from .engine.fault import NonFiniteAbort
 
     log = logging.getLogger("lspretrain")
-    trainer, env = build(cfg)
+    try:
+        trainer, env = build(cfg)
+    except ValueError as err:  # what the method's set-up refuses (method.init_from: a file that does not fit)
+        log.debug("refused while building the run", exc_info=True)
+        print(f"lspretrain-train: {err}", file=sys.stderr)
+        return EXIT_CONFIG
 
     def failed(status: str, error: str) -> dict:
         return {"status": status, "step": trainer.step, "error": error,
@@ -81,7 +86,7 @@ def run(cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine.config import ConfigError, load_config
+    from .engine.config import ConfigError, check_data_exists, load_config
 
     parser = argparse.ArgumentParser(prog="lspretrain-train", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", help="YAML recipe (recipes/...)")
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.recipe, args.overrides)
+        check_data_exists(cfg)
     except ConfigError as err:
         print(f"lspretrain-train: {err}", file=sys.stderr)
         return EXIT_CONFIG

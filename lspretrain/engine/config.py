@@ -23,6 +23,7 @@ from .optim import OptimConfig
 __all__ = [
     "RunConfig", "ModelConfig", "FSDPConfig", "DeepSpeedConfig", "StrategyConfig", "CheckpointConfig",
     "FaultConfig", "LogConfig", "EvalConfig", "SyntheticDataConfig", "TrainConfig", "ConfigError", "load_config", "save_config",
+    "check_data_exists",
 ]
 
 
@@ -230,11 +231,6 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model: {err}") from None
     if cfg.data_source == "webdataset" and cfg.data is None:
         raise ConfigError("data_source=webdataset needs a `data` section (data.shards at least)")
-    if cfg.data_source == "webdataset":
-        _check_data_exists("data", cfg.data.shards, cfg.data.index)
-    if cfg.eval.every:
-        _check_data_exists("eval", cfg.eval.shards, cfg.eval.index)
-        _check_data_exists("eval", cfg.eval.train_shards, cfg.eval.train_index, prefix="train_")
     if cfg.strategy.deepspeed.stage not in (1, 2, 3):
         raise ConfigError(f"strategy.deepspeed.stage={cfg.strategy.deepspeed.stage}: expected 1, 2 or 3")
     if cfg.run.total_steps < 1:
@@ -249,7 +245,19 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
 
 
-def _check_data_exists(section: str, shards: str, index: str | None, prefix: str = "") -> None:
+def check_data_exists(cfg: TrainConfig) -> None:
+    """Refuse training and evaluation data that is not there (before a run builds anything).
+
+    Separate from ``load_config``: recipes are also loaded where their data is not (counting a
+    ViT-L recipe, a dry run on a login node)."""
+    if cfg.data_source == "webdataset":
+        _check_split_exists("data", cfg.data.shards, cfg.data.index)
+    if cfg.eval.every:
+        _check_split_exists("eval", cfg.eval.shards, cfg.eval.index)
+        _check_split_exists("eval", cfg.eval.train_shards, cfg.eval.train_index, prefix="train_")
+
+
+def _check_split_exists(section: str, shards: str, index: str | None, prefix: str = "") -> None:
     """Refuse an index file that is not there, or a shard spec none of whose local shards is
     (a few missing shards are skipped and counted at run time instead)."""
     from ..data.errors import DataError

@@ -117,11 +117,13 @@ def _run_torchrun(cmd: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ..engine.config import ConfigError, load_config
+    from ..engine.config import ConfigError, check_data_exists, load_config
 
     recipe, overrides = args.trainer_args[0], args.trainer_args[1:]
     try:  # the run directory (where result.json will be), and the trainer's refusal before any process starts
-        run_dir = Path(load_config(recipe, overrides).run.dir)
+        cfg = load_config(recipe, overrides)
+        check_data_exists(cfg)
+        run_dir = Path(cfg.run.dir)
     except ConfigError as err:
         print(f"train_local.sh: {err}", file=sys.stderr)
         return EXIT_CONFIG
