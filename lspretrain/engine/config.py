@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from ..data.config import DataConfig
+from ..eval.dense import DenseEvalConfig
 from .optim import OptimConfig
 
 __all__ = [
@@ -116,6 +117,9 @@ class EvalConfig:
     max_samples: int = 10000  # per split
     batch_size: int = 256
     cache_gib: float = 2.0  # decoded evaluation images kept in memory up to this size per split; streamed above
+    # The frozen-backbone linear segmentation probe, logged under eval/dense/ (off while its
+    # shards/index are unset; see lspretrain/eval/dense.py)
+    dense: DenseEvalConfig = field(default_factory=DenseEvalConfig)
 
 
 @dataclass
@@ -237,8 +241,14 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"run.total_steps={cfg.run.total_steps}: must be >= 1")
     if cfg.optim.warmup_steps > cfg.run.total_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds run.total_steps={cfg.run.total_steps}")
-    if cfg.eval.every and not (cfg.eval.shards or cfg.eval.index):
-        raise ConfigError(f"eval.every={cfg.eval.every} needs eval.shards or eval.index (the labelled evaluation split)")
+    if cfg.eval.every and not (cfg.eval.shards or cfg.eval.index or cfg.eval.dense.enabled):
+        raise ConfigError(f"eval.every={cfg.eval.every} needs eval.shards or eval.index (the labelled evaluation split) "
+                          f"or eval.dense.shards/index (the segmentation probe)")
+    if cfg.eval.dense.enabled:
+        try:
+            cfg.eval.dense.check()
+        except ValueError as err:
+            raise ConfigError(f"eval.dense: {err}") from None
     if cfg.checkpoint.every_minutes < 0:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0")
     if cfg.checkpoint.keep_last < 1:
@@ -255,6 +265,8 @@ def check_data_exists(cfg: TrainConfig) -> None:
     if cfg.eval.every:
         _check_split_exists("eval", cfg.eval.shards, cfg.eval.index)
         _check_split_exists("eval", cfg.eval.train_shards, cfg.eval.train_index, prefix="train_")
+        _check_split_exists("eval.dense", cfg.eval.dense.shards, cfg.eval.dense.index)
+        _check_split_exists("eval.dense", cfg.eval.dense.val_shards, cfg.eval.dense.val_index, prefix="val_")
 
 
 def _check_split_exists(section: str, shards: str, index: str | None, prefix: str = "") -> None:

@@ -64,6 +64,7 @@ class Trainer:
         self.save_stalls: list[float] = []  # seconds the loop was blocked by each save
         self.stats: dict[str, float] = {}  # this step's scheduled lr and wd
         self.window = _Window()
+        self._dense_probe = None  # eval.dense's probe, made at the first evaluation
         self.timer = StepTimer(strategy.device, sync=cfg.log.phase_times)
         self._last_save = self._last_console = time.monotonic()
         strategy.setup(method, cfg.optim, self.micro_batch)
@@ -236,11 +237,26 @@ class Trainer:
             return
         start = time.perf_counter()
         scalars = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.cfg, self.strategy).items()}
+        if self.cfg.eval.dense.enabled:
+            scalars.update({f"eval/dense/{k}": v for k, v in self._evaluate_dense().items()})
         self.window.exclude(time.perf_counter() - start)  # rates and MFU are of training alone
         if scalars:
             scalars["eval/time_s"] = time.perf_counter() - start
             self.logger.log(self.step, scalars)
             log.info("step %d evaluation: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+
+    def _evaluate_dense(self) -> dict[str, float]:
+        """The linear segmentation probe on the method's evaluation backbone (every rank runs
+        it: a sharded backbone's forward needs them all)."""
+        from ..eval.dense import DenseProbe
+
+        backbone = self.method.evaluation_backbone()
+        if backbone is None:
+            raise ValueError(f"eval.dense: method {self.cfg.method.name!r} names no evaluation backbone")
+        if self._dense_probe is None:  # keeps its decoded images across evaluations
+            self._dense_probe = DenseProbe(self.cfg.eval.dense)
+        with self.method.root_unsharded():
+            return self._dense_probe.evaluate(backbone, self.strategy.device)
 
     def _save(self, blocking: bool = False) -> None:
         state = {"samples_seen": self.step * self.global_batch, **self.guard.state_dict()}

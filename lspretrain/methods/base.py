@@ -90,6 +90,10 @@ class Method(nn.Module):
             if sharded:
                 self.reshard()
 
+    def evaluation_backbone(self) -> nn.Module | None:
+        """The backbone whose frozen features evaluations probe (``eval.dense``); None: none."""
+        return None
+
     def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
         """Periodic evaluation (``eval.every`` steps) -> scalars logged under ``eval/``. Called
         on every rank (sharded forwards need them all); rank 0's values are logged."""

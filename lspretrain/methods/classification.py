@@ -203,6 +203,9 @@ class Classification(Method):
             strategy.ema_update(self.ema, self.optimized_module(), self.cfg.ema_momentum)
 
     # -- evaluation ------------------------------------------------------------------------
+    def evaluation_backbone(self) -> nn.Module:
+        return self.backbone
+
     def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
         """Top-1/top-5 (%) on ``eval.shards``/``eval.index`` (resized to the model's resolution),
         of the model and of its EMA (``ema_top1``...). Every rank evaluates the same images."""

@@ -234,6 +234,9 @@ class DINOv2(Method):
         strategy.ema_update(self.teacher, self.student, self.momentum(step))
 
     # -- evaluation ------------------------------------------------------------------------
+    def evaluation_backbone(self) -> nn.Module:
+        return self.teacher.backbone  # the EMA teacher: the model DINOv2 evaluates and releases
+
     def evaluate(self, cfg, strategy) -> dict[str, float]:
         """k-NN (k = 20, cosine, T = 0.07) of the teacher's CLS features: reference images from
         ``eval.train_shards``/``eval.train_index``, queries from ``eval.shards``/``eval.index``."""
