@@ -57,7 +57,7 @@ class MixupCutmix:
         elif lam < 1.0:
             images = images * lam + images.flip(0) * (1 - lam)
         off = self.label_smoothing / self.num_classes
-        onehot = torch.full((labels.shape[0], self.num_classes), off, dtype=torch.float32)
+        onehot = torch.full((labels.shape[0], self.num_classes), off, dtype=torch.float32, device=labels.device)
         onehot.scatter_(1, labels.view(-1, 1), 1.0 - self.label_smoothing + off)
         targets = onehot * lam + onehot.flip(0) * (1 - lam)
         if self.binarize:

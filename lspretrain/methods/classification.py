@@ -62,6 +62,9 @@ class ClassificationConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     repeats: int = 1  # repeated augmentation: views per decoded image (DeiT: 3)
+    # where the batched photometrics and Mixup/CutMix run: "loader" (CPU workers), "device" (the
+    # training device, on uint8 images), "auto" = device on CUDA (lspretrain/data/photometric.py)
+    photometric: Literal["auto", "loader", "device"] = "auto"
     ema_momentum: float = 0.0  # model EMA; 0: none (DeiT: 0.99996)
     # initialization (fine-tuning): backbone file or run directory / checkpoint step directory, or
     # with init_from_format timm / dinov2 / hf a released plain checkpoint; specialized as model.spec
@@ -182,6 +185,24 @@ class Classification(Method):
         # Same parameter names as on the method, without the EMA copy.
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head}) if self.ema is not None else self
 
+    def forward(self, batch: dict, step: int):
+        if batch["images"].dtype == torch.uint8:  # the loader left photometrics and mixing to this device
+            batch = self._device_augment(batch)
+        return super().forward(batch, step)
+
+    def _device_augment(self, batch: dict) -> dict:
+        """The transform's photometrics, then Mixup/CutMix, on the batch's device in fp32; the
+        images cast to the dtype the patch embedding computes in (bf16 parameters under fsdp2 /
+        deepspeed, whose input casts happened before this)."""
+        photometric, mixup = getattr(self.transform(), "photometric", None), self.mixup()
+        images, out = batch["images"], dict(batch)
+        with torch.autocast(images.device.type, enabled=False):
+            images = photometric(images) if photometric is not None else images.float()
+            if mixup is not None:
+                images, out["targets"] = mixup(images, batch["labels"])
+        out["images"] = images.to(self.backbone.patch_embed.proj.weight.dtype)
+        return out
+
     def get_student_output(self, batch: dict, step: int) -> torch.Tensor:
         return self.head(self.backbone(batch["images"]))
 
@@ -231,9 +252,14 @@ class Classification(Method):
             return SyntheticLoader(s.batch_size, s.img_size, s.num_classes, s.seed, rank, world_size)
         from ..data import SupervisedCollate, build_loader
 
+        from ..data.photometric import photometric_on_device
+
         data, r = cfg.data, self.cfg.repeats
         transform = self.transform()
-        collate = SupervisedCollate(photometric=getattr(transform, "photometric", None), mixup=self.mixup())
+        if photometric_on_device(self.cfg.photometric, cfg.run.device) and hasattr(transform, "photometric"):
+            collate = SupervisedCollate()  # uint8 images: see _device_augment
+        else:
+            collate = SupervisedCollate(photometric=getattr(transform, "photometric", None), mixup=self.mixup())
         if r > 1:  # batch_size counts views: read ceil(batch_size / repeats) images
             transform, collate = RepeatedViews(transform, r), RepeatedCollate(collate, data.batch_size)
             data = dataclasses.replace(data, batch_size=-(-data.batch_size // r))

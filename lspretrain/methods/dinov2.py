@@ -59,6 +59,9 @@ class DINOv2Config:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     mask_probability: float = 0.5
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    # where the batched colour/blur/solarize augmentations run: "loader" (CPU workers), "device"
+    # (the training device, on uint8 crops), "auto" = device on CUDA (lspretrain/data/photometric.py)
+    photometric: Literal["auto", "loader", "device"] = "auto"
     # continued pretraining (lspretrain/methods/init_from.py): student and teacher backbones from
     # a backbone file or a run ("" format), or a released plain checkpoint (timm / dinov2 / hf),
     # specialized as model.spec; the heads fresh, or from head_init_from
@@ -109,6 +112,12 @@ def _fresh_optimizer_state(optimizer: torch.optim.Optimizer, params) -> None:
             optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
                                   "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                   "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def _masked_patches(patches: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The (M, C) tokens of the masked patches, in ``masks.nonzero()`` order: selected by the
+    collate's ``mask_indices`` (a boolean index would read the device from the host)."""
+    return patches.flatten(0, 1).index_select(0, batch["mask_indices"])
 
 
 class _Branch(nn.Module):
@@ -167,6 +176,27 @@ class DINOv2(Method):
     def optimized_module(self) -> nn.Module:
         return self.student
 
+    # -- the step ----------------------------------------------------------------------------
+    def forward(self, batch: dict, step: int):
+        if batch["global_crops"].dtype == torch.uint8:  # the loader left the photometrics to this device
+            batch = self._device_photometrics(batch)
+        return super().forward(batch, step)
+
+    def _device_photometrics(self, batch: dict) -> dict:
+        """DINOv2's view photometrics (global 1, global 2, locals) on the batch's device, in
+        fp32, then cast to the dtype the patch embedding computes in (bf16 parameters under
+        fsdp2 / deepspeed, whose input casts happened before this)."""
+        from ..data import DINOv2MultiCrop
+
+        g1, g2, lp = DINOv2MultiCrop().photometric
+        g, loc = batch["global_crops"], batch["local_crops"]
+        dtype = self.student.backbone.patch_embed.proj.weight.dtype
+        b = g.shape[0] // 2
+        with torch.autocast(g.device.type, enabled=False):
+            g = torch.cat([g1(g[:b]), g2(g[b:])])
+            loc = lp(loc) if loc.numel() else loc.float()
+        return {**batch, "global_crops": g.to(dtype), "local_crops": loc.to(dtype)}
+
     # -- teacher ---------------------------------------------------------------------------
     def _center(self, which: str, logits: torch.Tensor, temp: float) -> torch.Tensor:
         if self.cfg.centering == "sinkhorn_knopp":
@@ -180,7 +210,7 @@ class DINOv2(Method):
         temp = teacher_temperature(self.cfg, step)
         out = self.teacher.backbone.forward_features(batch["global_crops"])
         cls_logits = self.teacher.dino_head(out["cls_norm"])
-        patch_logits = self.teacher.patch_head()(out["patches_norm"][batch["masks"]])
+        patch_logits = self.teacher.patch_head()(_masked_patches(out["patches_norm"], batch))
         return {
             "dino": self._center("dino", cls_logits, temp).chunk(2),
             "ibot": self._center("ibot", patch_logits, temp),
@@ -206,7 +236,7 @@ class DINOv2(Method):
         n_images = batch["global_crops"].shape[0] // 2
         return {
             "dino": list(logits.split(n_images)),  # 2 global crops, then the local crops
-            "ibot": self.student.patch_head()(glob["patches_norm"][masks]),
+            "ibot": self.student.patch_head()(_masked_patches(glob["patches_norm"], batch)),
             "global_cls": glob["cls_norm"],
         }
 
@@ -214,14 +244,11 @@ class DINOv2(Method):
     def compute_losses(self, teacher: dict, student: dict, batch: dict, step: int):
         cfg = self.cfg
         dino = dino_loss(student["dino"], list(teacher["dino"]), cfg.student_temp)
-        if batch["masks"].any():
-            ibot = ibot_loss(student["ibot"], teacher["ibot"], batch["masks"], cfg.student_temp)
-        else:
-            ibot = student["ibot"].sum() * 0.0
+        ibot = ibot_loss(student["ibot"], teacher["ibot"], batch["masks"], cfg.student_temp, batch["mask_indices"])
         koleo = sum(koleo_loss(c) for c in student["global_cls"].chunk(2))
         total = cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot + cfg.koleo_loss_weight * koleo
         metrics = {"loss/dino": dino.detach(), "loss/ibot": ibot.detach(), "loss/koleo": koleo.detach(),
-                   "dino/teacher_temp": torch.tensor(teacher["temp"])}
+                   "dino/teacher_temp": dino.new_full((), teacher["temp"])}  # on the loss's device, filled there
         return total, metrics
 
     # -- after the optimizer step --------------------------------------------------------------
@@ -258,6 +285,7 @@ class DINOv2(Method):
     # -- data and accounting ----------------------------------------------------------------
     def build_loader(self, cfg, rank: int, world_size: int):
         from ..data import DINOv2Collate, DINOv2MultiCrop, build_loader
+        from ..data.photometric import photometric_on_device
 
         c = self.cfg
         if c.freeze_backbone_steps and cfg.strategy.name in ("ddp", "deepspeed"):
@@ -268,8 +296,9 @@ class DINOv2(Method):
                              f"fsdp2 (a frozen backbone has no gradients), not {cfg.strategy.name}")
         crops = DINOv2MultiCrop(global_size=c.global_crop_size, local_size=c.local_crop_size, n_local=c.n_local_crops,
                                 global_scale=tuple(c.global_crops_scale), local_scale=tuple(c.local_crops_scale))
+        on_device = photometric_on_device(c.photometric, cfg.run.device)
         collate = DINOv2Collate(patch_size=self.student.backbone.cfg.patch_size, global_size=c.global_crop_size,
-                                photometric=crops.photometric, mask_ratio=tuple(c.mask_ratio_min_max),
+                                photometric=None if on_device else crops.photometric, mask_ratio=tuple(c.mask_ratio_min_max),
                                 mask_probability=c.mask_probability)
         return build_loader(cfg.data, crops, collate, rank=rank, world_size=world_size)
 

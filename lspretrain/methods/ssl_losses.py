@@ -41,16 +41,19 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
 
 
 def ibot_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, masks: torch.Tensor,
-              student_temp: float = 0.1) -> torch.Tensor:
+              student_temp: float = 0.1, mask_indices: torch.Tensor | None = None) -> torch.Tensor:
     """iBOT: cross-entropy on the masked patches only.
 
     ``student_patch_logits`` and ``teacher_patch_probs``: (M, K) for the M masked patches of
     the batch, in ``masks.nonzero()`` order; ``masks``: (N_images, N_patches) bool. Each image
     weighs the same whatever its number of masked patches; images without masks count as 0
-    in the mean over images (as in DINOv2)."""
+    in the mean over images (as in DINOv2); a batch without any masked patch gives 0.
+    ``mask_indices``: ``masks.flatten().nonzero()`` when the caller has it (the collate does):
+    selecting by index does not read the device from the host, a boolean mask does."""
     per_patch = -(teacher_patch_probs * F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)).sum(-1)
     n_masked = masks.sum(dim=-1).clamp(min=1).to(per_patch.dtype)
-    weights = (1.0 / n_masked).unsqueeze(-1).expand_as(masks)[masks]
+    weights = (1.0 / n_masked).unsqueeze(-1).expand_as(masks)
+    weights = weights[masks] if mask_indices is None else weights.flatten().index_select(0, mask_indices)
     return (per_patch * weights).sum() / masks.shape[0]
 
 
@@ -77,7 +80,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
     The global sample count is all-reduced rather than taken as local × world size: for iBOT
     the samples are masked patches, whose number differs from rank to rank."""
     q = torch.exp(teacher_logits.float() / temp).t()  # (K, B)
-    n_samples = int(_all_reduce(torch.tensor(float(q.shape[1]), device=q.device)).item())
+    # A device scalar (filled there, not copied from the host, and never read back): no host sync.
+    n_samples = _all_reduce(q.new_full((), float(q.shape[1])))
     n_protos = q.shape[0]
     q /= _all_reduce(q.sum())
     for _ in range(n_iterations):
@@ -101,7 +105,7 @@ class SoftmaxCenter(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         probs = F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
         batch_sum = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+        count = _all_reduce(teacher_logits.new_full((), float(teacher_logits.shape[0]), dtype=torch.float32))
         mean = batch_sum / count
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
         return probs
