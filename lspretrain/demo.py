@@ -5,10 +5,12 @@ Fashion-MNIST, on CPU, in minutes.
 
 1. builds Fashion-MNIST WebDataset shards from Debian's ``dataset-fashion-mnist`` (once);
 2. writes the accounting report of the model (params, FLOPs vs the plain model);
-3. measures k-NN accuracy (k = 20, cosine, T = 0.07) of the model at initialization;
+3. measures k-NN accuracy (k = 20, cosine, T = 0.07) of the model at initialization, and the
+   mIoU of a linear segmentation probe on its frozen patch tokens (Fashion-MNIST mosaics: 3 x 3
+   items, 10 classes + background, masks from the images themselves);
 4. pretrains it with the engine (``recipes/dinov2/tiny_cpu.yaml``), with progress and ETA,
    TensorBoard logs and checkpoints (an interrupted demo resumes where it stopped);
-5. measures k-NN accuracy of the trained teacher and draws the PCA feature maps and token-norm
+5. measures k-NN accuracy and dense mIoU of the trained teacher and draws the PCA feature maps and token-norm
    maps of the model at initialization and after training, and the training curves.
 
 ``--compare none`` trains the plain model on the same budget too and reports both.
@@ -36,6 +38,26 @@ def fashion_mnist(data_dir: Path) -> dict[str, str]:
     return {split: fashion_mnist_shards(str(data_dir), split) for split in ("train", "test")}
 
 
+MOSAIC_K = 3  # mosaics of 3 x 3 items: 84 px canvases, probed in 28 px windows (one item each, as trained)
+
+
+def mosaics(data_dir: Path, train: int, test: int) -> dict[str, str]:
+    """Segmentation shards of Fashion-MNIST mosaics (index paths), for the dense probe."""
+    from .data.mosaic import fashion_mnist_mosaic_shards
+
+    return {split: fashion_mnist_mosaic_shards(str(data_dir), split, k=MOSAIC_K, count=n)
+            for split, n in (("train", train), ("test", test))}
+
+
+def dense_probe(index: dict[str, str], img_size: int):
+    """The linear segmentation probe on the mosaics (data decoded once, reused for every model)."""
+    from .eval.dense import DenseEvalConfig, DenseProbe
+
+    cfg = DenseEvalConfig(index=index["train"], val_index=index["test"], resize=img_size * MOSAIC_K,
+                          max_samples=10**9, max_val_samples=10**9)
+    return DenseProbe(cfg)
+
+
 def knn(backbone: torch.nn.Module, train: list[dict], test: list[dict]) -> dict[str, float]:
     from .eval import extract_features, knn_accuracy
 
@@ -44,7 +66,7 @@ def knn(backbone: torch.nn.Module, train: list[dict], test: list[dict]) -> dict[
     return knn_accuracy(xtr, ytr, xte, yte, k=20, temperature=0.07)
 
 
-def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: tuple[list, list],
+def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: tuple[list, list], probe,
               overrides: list[str]) -> dict:
     """Pretrain one preset; returns its figures (and writes its pictures) under ``out/spec``."""
     from .accounting import format_markdown, report
@@ -66,6 +88,8 @@ def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: t
     start = time.perf_counter()
     knn_init = knn(initial, *evals)
     log.info("[%s] k-NN at initialization: top-1 %.2f %%", spec, knn_init["top1"])
+    dense_init = probe.evaluate(initial)
+    log.info("[%s] dense probe at initialization: mIoU %.2f %%", spec, dense_init["miou"])
     result = trainer.fit()
     train_time = time.perf_counter() - start
     if result.status != "completed":  # stopped (Ctrl-C, SIGTERM): nothing trained to report yet
@@ -74,6 +98,8 @@ def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: t
     trained = trainer.method.teacher.backbone
     knn_final = knn(trained, *evals)
     log.info("[%s] k-NN after %d steps: top-1 %.2f %%", spec, result.step, knn_final["top1"])
+    dense_final = probe.evaluate(trained)
+    log.info("[%s] dense probe after %d steps: mIoU %.2f %%", spec, result.step, dense_final["miou"])
 
     images = torch.cat([b["images"] for b in evals[1]])[:6]
     pca_grid([("init", initial), (f"trained ({spec})", trained)], images, cell=112).save(run_dir / "pca.png")
@@ -82,7 +108,9 @@ def train_one(spec: str, out: Path, shards: dict[str, str], steps: int, evals: t
     return {
         "spec": spec, "run_dir": str(run_dir), "status": result.status, "steps": result.step,
         "knn_top1_init": knn_init["top1"], "knn_top1_final": knn_final["top1"],
-        "knn_top5_final": knn_final["top5"], "wall_time_s": round(train_time, 1),
+        "knn_top5_final": knn_final["top5"], "dense_miou_init": dense_init["miou"],
+        "dense_miou_final": dense_final["miou"], "dense_pixel_acc_final": dense_final["pixel_acc"],
+        "wall_time_s": round(train_time, 1),
         "params": rep["params"]["total"], "extra_params": rep["params"]["extra_total"],
         "forward_macs_delta_vs_plain": rep["delta"]["forward_macs"],
         "checkpoint": result.checkpoint, "accounting": str(run_dir / "accounting.md"),
@@ -98,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--knn-train", type=int, default=10000, help="labelled training images for k-NN")
     ap.add_argument("--knn-test", type=int, default=10000, help="test images for k-NN (the whole split: 10000)")
+    ap.add_argument("--dense-train", type=int, default=1000, help="training mosaics for the dense probe")
+    ap.add_argument("--dense-test", type=int, default=500, help="test mosaics for the dense probe")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. optim.lr=5e-4")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
     evals = (labelled_batches("", shards["train"], img_size, args.knn_train, 500),
              labelled_batches("", shards["test"], img_size, args.knn_test, 500))
+    log.info("building Fashion-MNIST mosaic shards for the dense probe (once)")
+    probe = dense_probe(mosaics(out / "data", args.dense_train, args.dense_test), img_size)
     runs = []
     try:
         for spec in [args.spec] + ([args.compare] if args.compare else []):
-            runs.append(train_one(spec, out, shards, args.steps, evals, args.overrides))
+            runs.append(train_one(spec, out, shards, args.steps, evals, probe, args.overrides))
             if runs[-1]["status"] != "completed":
                 print(f"\n[{spec}] stopped at step {runs[-1]['steps']} (checkpoint {runs[-1]['checkpoint']}); "
                       f"run the same command again to resume", flush=True)
@@ -129,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"[{r['spec']}] {r['status']} after {r['steps']} steps in {r['wall_time_s']:.0f} s; "
               f"k-NN top-1 {r['knn_top1_init']:.2f} % at init -> {r['knn_top1_final']:.2f} % trained; "
+              f"dense mIoU {r['dense_miou_init']:.2f} % -> {r['dense_miou_final']:.2f} %; "
               f"{r['extra_params']:,} extra params, {sum(r['forward_macs_delta_vs_plain'].values())} extra FLOPs")
         for key in ("run_dir", "checkpoint", "tensorboard", "accounting", "pca", "curves"):
             print(f"    {key:12s} {r[key]}")
