@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lspretrain.eval.dense import DenseEvalConfig  # noqa: E402
 RECIPE = ROOT / "recipes" / "dinov2" / "tiny_cpu.yaml"
 log = logging.getLogger("paper_claim")
 
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=int, default=2, help="mosaic side in items (canvas 28 x grid px)")
     ap.add_argument("--dense-train", type=int, default=1000, help="mosaics the dense probe trains on")
     ap.add_argument("--dense-val", type=int, default=500, help="mosaics it is scored on")
-    ap.add_argument("--dense-epochs", type=int, default=10)
-    ap.add_argument("--dense-lr", type=float, default=1e-2)
+    ap.add_argument("--dense-epochs", type=int, default=DenseEvalConfig.epochs)
+    ap.add_argument("--dense-lr", type=float, default=DenseEvalConfig.lr)
     ap.add_argument("--json", default=None, help="results file (default: OUT/results.json)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. optim.lr=5e-4")
     args = ap.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from lspretrain.data import fashion_mnist_mosaic_shards, fashion_mnist_shards
     from lspretrain.engine.config import load_config
     from lspretrain.eval.data import labelled_batches
-    from lspretrain.eval.dense import DenseEvalConfig, DenseProbe
+    from lspretrain.eval.dense import DenseProbe
     from lspretrain.train import build
 
     out = Path(args.out)
