@@ -15,7 +15,8 @@ Reports mean ± std over seeds per spec, and the per-seed paired differences to 
 At initialization the specs compute the same function (CLS copies equal the shared weights),
 so the initial figures are measured once per seed, on the first spec's initial teacher.
 Runs go one after the other in this process (never sharing the CPU); the data (shards under
---out/data) is built once. An interrupted run resumes from its checkpoint when started again.
+--out/data) is built once. SIGTERM or Ctrl-C stops after the current run saved its state (exit
+75); the same command then resumes it from its checkpoint (finished runs are only re-scored).
 """
 from __future__ import annotations
 
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                 del init
             t0 = time.perf_counter()
             result = trainer.fit()
+            if result.status != "completed":  # SIGTERM/SIGINT: the run saved its state; stop, do not start the next
+                print(f"{spec} seed {seed} {result.status} at step {result.step} ({result.reason}); "
+                      f"the same command resumes it", file=sys.stderr)
+                return 75
             teacher = trainer.method.teacher.backbone
             dense = probe.evaluate(teacher)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
