@@ -148,16 +148,18 @@ def tiny_fashion_mnist_recipe(run_dir, indexes, steps: int, **sections) -> dict:
     recipe["data"].update(index=indexes["train"])
     recipe["eval"].update(index=indexes["test"], every=steps, max_samples=1000)
     recipe["checkpoint"].update(every=0)
-    recipe["optim"].update(warmup_steps=30)
-    # Mixup/CutMix on a quarter of the batches, not half: full-strength regularization needs more
-    # steps than a test has (the recipe's own budget and figures are in BENCHMARKS.md).
-    recipe["method"].update(mixup_prob=0.25)
+    recipe["optim"].update(warmup_steps=15)
+    # No Mixup/CutMix and half the batch: the regularization needs more steps than a test has,
+    # and the test must pass with a 4x margin on a loaded 2-core machine (the recipe's own
+    # budget and figures are in BENCHMARKS.md; the resume tests exercise Mixup/CutMix).
+    recipe["method"].update(mixup_prob=0.0)
+    recipe["data"].update(batch_size=32)
     for name, values in sections.items():
         recipe.setdefault(name, {}).update(values)
     return recipe
 
 
-LEARN_STEPS = 300
+LEARN_STEPS = 150
 CHANCE = 10.0
 
 

@@ -66,14 +66,16 @@ def test_pca_grid_png(tmp_path):
     images = torch.randn(3, 3, 32, 32)
     maps = feature_maps(plain, images)
     assert maps["patches"].shape == (3, 4, 4, 32) and maps["norms"].shape == (3, 4, 4)
-    grid = pca_grid([("plain", plain), ("paper", special)], images, cell=64, label_height=20)
+    grid = pca_grid([("plain", plain), ("paper", special)], images, cell=64)
     path = tmp_path / "grid.png"
     grid.save(path)
     from PIL import Image
 
     img = Image.open(path)
-    assert img.size == (64 * 5, 20 + 64 * 3)  # input + 2 columns per model; a row per image
-    assert len(set(img.crop((64, 20, 128, 84)).getdata())) > 1  # a PCA tile is not flat
+    # input + 2 columns per model; a row per image; at cell 64 the titles wrap to 3 lines (51 px
+    # header) and the colour bars with their values take a 61 px footer
+    assert img.size == (64 * 5, 51 + 64 * 3 + 61)
+    assert len(set(img.crop((64, 51, 128, 115)).getdata())) > 1  # a PCA tile is not flat
 
 
 def test_pca_tool_on_a_run_directory(tmp_path):
@@ -101,7 +103,8 @@ def test_pca_tool_on_a_run_directory(tmp_path):
                           str(tmp_path / "bb.safetensors"), "--images", *map(str, images), "--out", str(tmp_path / "g.png"),
                           "--cell", "64"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert Image.open(tmp_path / "g.png").size == (64 * 5, 22 + 64 * 2)
+    # the source names wrap to 5 title lines (81 px), 2 image rows, the 61 px colour-bar footer
+    assert Image.open(tmp_path / "g.png").size == (64 * 5, 81 + 64 * 2 + 61)
     bad = subprocess.run([sys.executable, str(root / "tools" / "pca_features.py"), str(tmp_path / "nothing"),
                           "--images", str(images[0]), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nothing" in bad.stderr

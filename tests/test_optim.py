@@ -238,3 +238,36 @@ def test_build_optimizer_adamw_decays_only_decayed_group() -> None:
         assert (factor < 1) == n.endswith(DECAYED_LEAVES)
     assert opt.state_dict()["param_groups"][0]["param_names"] == groups[0]["param_names"]
     assert isinstance(build_optimizer(groups, OptimConfig(lr=1e-3, name="lamb")), Lamb)
+
+
+def test_lamb_steps_every_tensor_as_if_alone() -> None:
+    """The foreach step over a group is per-tensor LAMB: each tensor moves exactly as it would
+    in an optimizer of its own (trust ratios per tensor, not per group)."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 4, 3), (1,)]
+    init = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(3)]
+    together = [nn.Parameter(t.clone()) for t in init]
+    opt = Lamb([{"params": together[:2], "weight_decay": 0.1}, {"params": together[2:], "weight_decay": 0.0}], lr=0.05)
+    for g in grads:
+        for p, gi in zip(together, g):
+            p.grad = gi.clone()
+        opt.step()
+    for i, t in enumerate(init):
+        alone = nn.Parameter(t.clone())
+        ref = Lamb([alone], lr=0.05, weight_decay=0.1 if i < 2 else 0.0)
+        for g in grads:
+            alone.grad = g[i].clone()
+            ref.step()
+        torch.testing.assert_close(together[i].detach(), alone.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_kernels_follow_optim_implementation() -> None:
+    groups = param_groups(tiny("paper"), OptimConfig(lr=1e-3), num_layers=DEPTH)
+    auto = build_optimizer(groups, OptimConfig(lr=1e-3))
+    assert auto.defaults["fused"]  # CPU tensors: torch has fused AdamW kernels for them
+    foreach = build_optimizer(groups, OptimConfig(lr=1e-3, implementation="foreach")).defaults
+    assert foreach["foreach"] and not foreach["fused"]
+    assert build_optimizer(groups, OptimConfig(lr=1e-3, implementation="for_loop")).defaults["foreach"] is False
+    with pytest.raises(ValueError, match="implementation='triton'"):
+        OptimConfig(lr=1e-3, implementation="triton")

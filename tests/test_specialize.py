@@ -220,6 +220,33 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["paper", "paper_lora"])
+def test_traced_routed_forms_match_the_eager_function(preset):
+    """Under torch.compile the routed LayerNorm / LayerScale take their traced form (one fused
+    expression each): same values and gradients as the eager Function, and one graph per block
+    (AOTAutograd tracing only, no code generation: seconds)."""
+    model = randomize_cls_params(specialize(tiny_plain(), preset)).train()
+    blk = model.blocks[0]
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    explained = torch._dynamo.explain(blk)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+
+    def run(fn):
+        blk.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn(x)
+        out.square().mean().backward()
+        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in blk.named_parameters()}
+
+    (y0, dx0, g0), (y1, dx1, g1) = run(blk), run(torch.compile(blk, backend="aot_eager"))
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-7)
+    assert any(is_cls_param(n) for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_activation_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = randomize_cls_params(specialize(tiny_plain(), "paper")).train()

@@ -1,8 +1,10 @@
 """Collate functions: list of ``{"image", "label", "key"}`` samples -> dict of tensors.
 
 They run in the DataLoader workers, after the per-sample (geometric) transforms. Batched
-photometric augmentation happens here unless ``photometric_on_device``: then images stay
-uint8 and the trainer applies the transform's ``photometric`` on its device.
+photometric augmentation (and Mixup/CutMix) happens here when the collate is given them;
+built with ``photometric=None`` it hands over uint8 images and the method applies the
+transform's ``photometric`` on the training device after ``prepare_batch`` (the methods'
+``photometric`` key; ``auto`` = on CUDA).
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ How each kind routes, chosen by measurement (benchmarks/specialization.py, BENCH
   weight for inference, which brings the FLOPs back to exactly the plain model's.
 Under ``torch.compile`` LayerNorm and LayerScale trace as one pointwise expression that picks
 the CLS or patch affine per row (``torch.where``), which inductor fuses into the kernels of the
-plain layer: one specialized block then compiles to 72 kernels (forward + backward) where the
-eager forms compile to 110 and the plain block to 60 (``benchmarks/specialization.py --kernels``).
+plain layer: a specialized ViT-S block then compiles to 72 kernels (forward + backward) where
+the eager forms compile to 114 and the plain block to 60 (``benchmarks/specialization.py
+--kernels``, BENCHMARKS.md).
 
 ``specialize(model, spec)`` swaps the layers of a plain ``VisionTransformer`` (fresh or
 trained) in place; the CLS copies start equal to the shared weights and LoRA deltas at zero,
