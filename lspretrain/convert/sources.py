@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -97,9 +96,7 @@ def _read_dcp(path: Path, which: str | None) -> tuple[dict[str, torch.Tensor], s
     prefix = select_backbone(tensors, which, str(path))
     # Only the chosen backbone is read; DCP assembles every tensor from all ranks' shards.
     sd = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in tensors.items() if k.startswith(prefix)}
-    with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp_load(sd, path, no_dist=True)
+    dcp_load(sd, path, no_dist=True)
     return {k[len(prefix):]: v for k, v in sd.items()}, prefix
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -165,7 +166,9 @@ def dcp_load(state: dict, path: str | Path, process_group=None, no_dist: bool = 
     # as a per-rank file and re-raised wrapped in the collective's error report.
     reader.read_metadata()
     try:
-        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process" is right
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
     except CheckpointException as err:  # a refused value: raise the refusal, not DCP's per-rank report
         refusal = next((exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeCheckpointError)), None)
         if refusal is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -158,9 +159,11 @@ class Strategy:
         """Write model, optimizer and method state under ``path`` (collective). Returns a
         future when ``async_save`` (the state is staged before this returns), else None."""
         state = self._app_state(extra)
-        if async_save:
-            return dcp.async_save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
-        dcp.save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process" is right
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if async_save:
+                return dcp.async_save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
+            dcp.save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
         return None
 
     def load_checkpoint(self, path: Path, extra: dict) -> dict:
