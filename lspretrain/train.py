@@ -31,9 +31,9 @@ def build(cfg):
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and world size
-    method = build_method(cfg.method, cfg.model)
+    method = build_method(cfg.method, cfg.model, cfg.run.total_steps)
     strategy = build_strategy(cfg.strategy, env, device)
-    loader = method.build_loader(cfg, env.rank, env.world_size)
+    loader = method.build_loader(cfg.training_data, cfg.run.device, env.rank, env.world_size)
     return Trainer(cfg, method, strategy, loader), env
 
 

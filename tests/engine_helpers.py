@@ -179,13 +179,11 @@ def _classification_ema():
 
     import torch.nn.functional as F
 
-    from lspretrain.methods import Classification, ClassificationConfig
+    from lspretrain.methods.classification import Classification
 
     class ClassificationEMA(Classification):
-        config_class = ClassificationConfig
-
-        def __init__(self, cfg, model_cfg):
-            super().__init__(cfg, model_cfg)
+        def __init__(self, cfg, model_cfg, total_steps):
+            super().__init__(cfg, model_cfg, total_steps)
             self.teacher = copy.deepcopy(self.backbone).requires_grad_(False)
 
         def sharded_modules(self):
@@ -214,20 +212,18 @@ TEST_METHODS = {"classification_ema": _classification_ema}
 
 @contextlib.contextmanager
 def registered_methods(*names: str) -> Iterator[None]:
-    """``names`` (from ``TEST_METHODS``) in ``METHODS``/``METHOD_CONFIGS`` for the duration of
-    the block; afterwards both registries hold exactly what they held before."""
-    from lspretrain.methods import METHOD_CONFIGS, METHODS
+    """``names`` (from ``TEST_METHODS``) in ``METHODS`` for the duration of the block (with the
+    classifier's config section); afterwards the registry holds exactly what it held before."""
+    from lspretrain.methods import METHODS, ClassificationConfig, RegisteredMethod
 
-    saved = {name: (METHODS.get(name), METHOD_CONFIGS.get(name)) for name in names}
+    saved = {name: METHODS.get(name) for name in names}
     for name in names:
-        cls = TEST_METHODS[name]()
-        METHODS[name], METHOD_CONFIGS[name] = cls, cls.config_class
+        METHODS[name] = RegisteredMethod(ClassificationConfig, TEST_METHODS[name]())
     try:
         yield
     finally:
-        for name, (cls, config) in saved.items():
-            for registry, old in ((METHODS, cls), (METHOD_CONFIGS, config)):
-                if old is None:
-                    registry.pop(name, None)
-                else:
-                    registry[name] = old
+        for name, old in saved.items():
+            if old is None:
+                METHODS.pop(name, None)
+            else:
+                METHODS[name] = old

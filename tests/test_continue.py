@@ -19,7 +19,7 @@ import yaml
 from engine_helpers import read_merged, run_worker
 from lspretrain.convert import Backbone, load_backbone, read_released, read_source, write
 from lspretrain.engine.config import ModelConfig, load_config
-from lspretrain.methods import Classification, ClassificationConfig
+from lspretrain.methods.classification import Classification, ClassificationConfig
 from lspretrain.methods.dinov2 import DINOv2, DINOv2Config
 from lspretrain.models import create_vit, is_cls_param
 from lspretrain.models.heads import DINOHead
@@ -83,7 +83,8 @@ def ours_released(path, **kw):
 def dinov2_method(spec="paper", overrides=None, **cfg):
     torch.manual_seed(0)
     config = DINOv2Config(**{**HEADS, "global_crop_size": 28, "local_crop_size": 14, "n_local_crops": 2, **cfg})
-    return DINOv2(config, ModelConfig(arch="vit_tiny_patch14", spec=spec, overrides={**RECIPE, **(overrides or {})}))
+    return DINOv2(config, ModelConfig(arch="vit_tiny_patch14", spec=spec, overrides={**RECIPE, **(overrides or {})}),
+                  total_steps=10)
 
 
 def images(n=4, size=28, seed=1):
@@ -260,7 +261,6 @@ def test_frozen_backbone_is_bit_identical_under_adamw_with_weight_decay(tmp_path
     frozen_steps = 3
     m = dinov2_method(init_from=str(release), init_from_format="dinov2", freeze_backbone_steps=frozen_steps,
                       freeze_last_layer_steps=0)
-    m.total_steps = 10
     strategy = build_strategy(StrategyConfig(name="single", precision="fp32"), DistEnv(), torch.device("cpu"))
     strategy.setup(m, OptimConfig(lr=1e-2, weight_decay=0.3, clip_grad=None), micro_batch=4)
     start = {n: p.detach().clone() for n, p in m.state_dict().items()}
@@ -288,11 +288,10 @@ def test_frozen_backbone_is_bit_identical_under_adamw_with_weight_decay(tmp_path
 
 
 def test_frozen_backbone_is_refused_where_parameters_need_gradients():
-    cfg = load_config({"method": {"name": "dinov2", **HEADS, "freeze_backbone_steps": 5},
-                       "model": {"arch": "vit_tiny_patch14", "overrides": RECIPE},
-                       "optim": {"lr": 1e-3}, "strategy": {"name": "deepspeed"}, "data_source": "synthetic"})
-    m = dinov2_method(freeze_backbone_steps=5)
-    assert "needs strategy.name single or fsdp2" in refusal(lambda: m.build_loader(cfg, 0, 1))
+    recipe = {"method": {"name": "dinov2", **HEADS, "freeze_backbone_steps": 5},
+              "model": {"arch": "vit_tiny_patch14", "overrides": RECIPE},
+              "optim": {"lr": 1e-3}, "strategy": {"name": "deepspeed"}, "data_source": "synthetic"}
+    assert "needs strategy.name single or fsdp2" in refusal(lambda: load_config(recipe))
 
 
 # -- a continued run on Fashion-MNIST ------------------------------------------------------------------

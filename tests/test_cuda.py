@@ -193,8 +193,8 @@ def _method_and_batch(shards: str, method: str):
 
     cfg = load_config(RECIPES[method](Path("/nonexistent"), shards))
     torch.manual_seed(0)
-    m = build_method(cfg.method, cfg.model).to(DEVICE)
-    batch = next(iter(m.build_loader(cfg, 0, 1)))
+    m = build_method(cfg.method, cfg.model, cfg.run.total_steps).to(DEVICE)
+    batch = next(iter(m.build_loader(cfg.training_data, cfg.run.device, 0, 1)))
     return m, {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

@@ -35,7 +35,7 @@ def test_dinov2_uint8_batch_is_augmented_by_the_method():
     torch.manual_seed(0)
     cfg = DINOv2Config(head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, global_crop_size=32,
                        local_crop_size=16, n_local_crops=2, freeze_last_layer_steps=0)
-    method = DINOv2(cfg, ModelConfig(arch="vit_tiny_patch14", spec="paper", overrides=TINY))
+    method = DINOv2(cfg, ModelConfig(arch="vit_tiny_patch14", spec="paper", overrides=TINY), total_steps=10)
     crops = DINOv2MultiCrop(global_size=32, local_size=16, n_local=2)
     samples = [{"image": crops(im), "label": i, "key": str(i)} for i, im in enumerate(_images(4))]
     raw = DINOv2Collate(patch_size=8, global_size=32, photometric=None)(samples)

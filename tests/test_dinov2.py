@@ -20,7 +20,7 @@ def tiny_cfg(**kw):
 
 def tiny_method(spec="paper", **kw):
     torch.manual_seed(0)
-    return DINOv2(tiny_cfg(**kw), ModelConfig(arch="vit_tiny_patch14", spec=spec, overrides=dict(TINY)))
+    return DINOv2(tiny_cfg(**kw), ModelConfig(arch="vit_tiny_patch14", spec=spec, overrides=dict(TINY)), total_steps=10)
 
 
 def real_batch(cfg, n=4, seed=0):
@@ -45,7 +45,6 @@ def test_teacher_starts_equal_and_follows_the_ema_formula():
         for p in m.student.parameters():
             p.add_(torch.randn_like(p))
     before = {n: p.clone() for n, p in m.teacher.named_parameters()}
-    m.total_steps = 10
     mom = m.momentum(3)
     assert mom == pytest.approx(teacher_momentum(m.cfg, 3, 10))
     m.after_step(3, _EMAOnly())
@@ -87,7 +86,7 @@ def test_losses_finite_and_last_layer_frozen_then_free(centering):
 
 def test_drop_path_only_in_the_student():
     overrides = dict(TINY, drop_path_rate=0.4, drop_path_uniform=True)
-    m = DINOv2(tiny_cfg(), ModelConfig(arch="vit_tiny_patch14", spec="paper", overrides=overrides))
+    m = DINOv2(tiny_cfg(), ModelConfig(arch="vit_tiny_patch14", spec="paper", overrides=overrides), total_steps=10)
     assert all(b.drop_path.p == 0.4 for b in m.student.backbone.blocks)
     assert all(b.drop_path.p == 0.0 for b in m.teacher.backbone.blocks)
 

@@ -68,8 +68,8 @@ def _ema_worker(rank, port, out):
     torch.manual_seed(0)
     method = DINOv2(DINOv2Config(head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
                     ModelConfig(arch="vit_tiny_patch14", spec="paper_lora",
-                                overrides={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}))
-    method.total_steps = 10
+                                overrides={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+                    total_steps=10)
     strategy = build_strategy(StrategyConfig(name="fsdp2", precision="fp32"), env, device)
     strategy.setup(method, OptimConfig(lr=1e-3), micro_batch=2)
     with torch.no_grad():  # move the student by a constant per parameter: the same on any sharding
@@ -95,7 +95,8 @@ def test_teacher_ema_on_fsdp2_shards_matches_unsharded(tmp_path):
     torch.manual_seed(0)
     ref = DINOv2(DINOv2Config(head_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16),
                  ModelConfig(arch="vit_tiny_patch14", spec="paper_lora",
-                             overrides={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}))
+                             overrides={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+                 total_steps=10)
     m = got["momentum"]
     assert 0.992 < m < 1.0
     names = [n for n, _ in ref.student.named_parameters()]

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from ..data.config import DataConfig
 from ..eval.dense import DenseEvalConfig
+from ..methods.registry import METHODS
 from .optim import OptimConfig
 
 __all__ = [
@@ -136,7 +137,7 @@ class SyntheticDataConfig:
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Any = None  # the dataclass registered for method.name
+    method: Any = None  # the dataclass registered for method.name (lspretrain/methods/registry.py)
     optim: OptimConfig = MISSING  # optim.lr has no default: every recipe states it
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -146,6 +147,11 @@ class TrainConfig:
     data_source: Literal["webdataset", "synthetic"] = "webdataset"
     data: Optional[DataConfig] = None
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    @property
+    def training_data(self) -> DataConfig | SyntheticDataConfig:
+        """The section the training stream reads (``data_source``)."""
+        return self.synthetic if self.data_source == "synthetic" else self.data
 
 
 def _valid_keys(method_type: type, dotted: str) -> list[str]:
@@ -177,14 +183,13 @@ def _refuse(err: OmegaConfBaseException, method_type: type, source: str) -> Conf
 
 
 def _schema(method_name: str) -> tuple[DictConfig, type]:
-    from ..methods import METHOD_CONFIGS  # late: methods import the engine's interfaces
-
-    if method_name not in METHOD_CONFIGS:
-        close = difflib.get_close_matches(method_name, METHOD_CONFIGS, n=3)
-        raise ConfigError(f"unknown method.name {method_name!r}; did you mean {close}? known: {sorted(METHOD_CONFIGS)}")
+    if method_name not in METHODS:
+        close = difflib.get_close_matches(method_name, METHODS, n=3)
+        raise ConfigError(f"unknown method.name {method_name!r}; did you mean {close}? known: {sorted(METHODS)}")
+    method_type = METHODS[method_name].config_class
     schema = OmegaConf.structured(TrainConfig)
-    schema.method = OmegaConf.structured(METHOD_CONFIGS[method_name])
-    return schema, METHOD_CONFIGS[method_name]
+    schema.method = OmegaConf.structured(method_type)
+    return schema, method_type
 
 
 def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -235,6 +240,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"model: {err}") from None
     if cfg.data_source == "webdataset" and cfg.data is None:
         raise ConfigError("data_source=webdataset needs a `data` section (data.shards at least)")
+    try:
+        cfg.method.check_strategy(cfg.strategy.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.strategy.deepspeed.stage not in (1, 2, 3):
         raise ConfigError(f"strategy.deepspeed.stage={cfg.strategy.deepspeed.stage}: expected 1, 2 or 3")
     if cfg.run.total_steps < 1:

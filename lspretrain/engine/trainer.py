@@ -23,7 +23,7 @@ from .metrics import StepTimer
 from .schedules import apply_schedules
 from .strategies import Strategy
 
-__all__ = ["Trainer", "TrainResult", "seed_everything", "per_rank_batch"]
+__all__ = ["Trainer", "TrainResult", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +45,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def per_rank_batch(cfg: TrainConfig) -> int:
-    return cfg.synthetic.batch_size if cfg.data_source == "synthetic" else cfg.data.batch_size
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, method, strategy: Strategy, loader, logger=None):
         self.cfg, self.method, self.strategy, self.loader = cfg, method, strategy, loader
-        method.total_steps = cfg.run.total_steps
         self.run_dir = Path(cfg.run.dir)
-        self.micro_batch = per_rank_batch(cfg)
+        self.micro_batch = cfg.training_data.batch_size  # per rank
         self.global_batch = self.micro_batch * strategy.world_size * cfg.optim.accum_steps
         self.stop = StopRequest()
         self.guard = SkipGuard(cfg.fault.max_consecutive_skips)
@@ -236,7 +231,7 @@ class Trainer:
         if not every or (self.step % every and self.step != self.cfg.run.total_steps):
             return
         start = time.perf_counter()
-        scalars = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.cfg, self.strategy).items()}
+        scalars = {f"eval/{k}": float(v) for k, v in self.method.evaluate(self.cfg.eval).items()}
         if self.cfg.eval.dense.enabled:
             scalars.update({f"eval/dense/{k}": v for k, v in self._evaluate_dense().items()})
         self.window.exclude(time.perf_counter() - start)  # rates and MFU are of training alone

@@ -1,17 +1,13 @@
-"""Training methods (see ``base.Method``) and their registry: ``method.name`` in a recipe
-selects both the class and its typed config section."""
+"""Training methods (``base.Method``): ``classification`` (up to DeiT-III) and ``dinov2``.
+
+``METHODS`` (``registry.py``) maps ``method.name`` to the method's config dataclass and its class.
+This package imports only the registry and the config dataclasses, which the engine's config
+loader reads; the implementations import the engine: import them from their own modules
+(``lspretrain.methods.dinov2`` ...).
+"""
 from __future__ import annotations
 
-from .base import Method
-from .classification import Classification, ClassificationConfig
-from .dinov2 import DINOv2, DINOv2Config
+from .configs import ClassificationConfig, DINOv2Config, MethodConfig
+from .registry import METHODS, RegisteredMethod, build_method
 
-METHODS: dict[str, type[Method]] = {"classification": Classification, "dinov2": DINOv2}
-METHOD_CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in METHODS.items()}
-
-
-def build_method(cfg, model_cfg) -> Method:
-    return METHODS[cfg.name](cfg, model_cfg)
-
-
-__all__ = ["Method", "Classification", "ClassificationConfig", "DINOv2", "DINOv2Config", "METHODS", "METHOD_CONFIGS", "build_method"]
+__all__ = ["MethodConfig", "ClassificationConfig", "DINOv2Config", "METHODS", "RegisteredMethod", "build_method"]

@@ -21,12 +21,13 @@ state when the checkpoint comes from another world size.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..engine.config import ModelConfig, TrainConfig
+from ..data.config import DataConfig
+from ..engine.config import EvalConfig, ModelConfig, SyntheticDataConfig
 
 __all__ = ["Method", "StatefulLoader"]
 
@@ -34,13 +35,15 @@ StatefulLoader = Iterable[dict]  # + state_dict(), load_state_dict(state), stats
 
 
 class Method(nn.Module):
-    config_class: ClassVar[type]  # the dataclass of the ``method`` config section
+    """``cfg``: the ``method`` config section (its dataclass in ``methods/configs.py``, paired with
+    the class in ``registry.METHODS``); ``total_steps``: the run's length in optimizer steps, for
+    the method's own schedules (DINOv2's teacher momentum)."""
 
-    def __init__(self, cfg: Any, model_cfg: ModelConfig):
+    def __init__(self, cfg: Any, model_cfg: ModelConfig, total_steps: int):
         super().__init__()
         self.cfg = cfg
         self.model_cfg = model_cfg
-        self.total_steps = 1  # the run's length in optimizer steps, set by the trainer (for a method's own schedules)
+        self.total_steps = total_steps
 
     # -- what the strategy needs --------------------------------------------------------
     def sharded_modules(self) -> list[nn.Module]:
@@ -94,7 +97,7 @@ class Method(nn.Module):
         """The backbone whose frozen features evaluations probe (``eval.dense``); None: none."""
         return None
 
-    def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
+    def evaluate(self, eval_cfg: EvalConfig) -> dict[str, float]:
         """Periodic evaluation (``eval.every`` steps) -> scalars logged under ``eval/``. Called
         on every rank (sharded forwards need them all); rank 0's values are logged."""
         return {}
@@ -109,8 +112,10 @@ class Method(nn.Module):
         pass
 
     # -- data and accounting ------------------------------------------------------------
-    def build_loader(self, cfg: TrainConfig, rank: int, world_size: int) -> StatefulLoader:
-        """The loader with this method's transform and collate."""
+    def build_loader(self, data: DataConfig | SyntheticDataConfig, run_device: str, rank: int,
+                     world_size: int) -> StatefulLoader:
+        """The loader of the run's training data (``TrainConfig.training_data``) with this method's
+        transform and collate; ``run_device`` (``run.device``) says where batched photometrics may run."""
         raise NotImplementedError
 
     def train_flops_per_sample(self) -> float | None:

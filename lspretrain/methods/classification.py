@@ -29,82 +29,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.config import ModelConfig, TrainConfig
+from ..data.config import DataConfig
+from ..engine.config import EvalConfig, ModelConfig, SyntheticDataConfig
 from ..models import build_backbone
 from .base import Method
+from .configs import ClassificationConfig
 
 __all__ = ["ClassificationConfig", "Classification", "RepeatedViews", "RepeatedCollate", "topk_accuracy"]
-
-
-@dataclass
-class ClassificationConfig:
-    name: str = "classification"
-    num_classes: int = 1000
-    loss: Literal["ce", "bce"] = "ce"
-    label_smoothing: float = 0.0
-    bce_binarize: bool = True  # bce: targets > bce_threshold become 1 (DeiT-III: gt(0.0))
-    bce_threshold: float = 0.0
-    head_init_std: float = 0.01
-    # data (webdataset only; the synthetic stream is used as is)
-    augment: Literal["resize", "three_augment", "simple_random_crop"] = "resize"
-    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # three_augment crop area range
-    color_jitter: float = 0.3
-    mixup_alpha: float = 0.0  # 0 and cutmix_alpha 0: no Mixup/CutMix
-    cutmix_alpha: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    repeats: int = 1  # repeated augmentation: views per decoded image (DeiT: 3)
-    # where the batched photometrics and Mixup/CutMix run: "loader" (CPU workers), "device" (the
-    # training device, on uint8 images), "auto" = device on CUDA (lspretrain/data/photometric.py)
-    photometric: Literal["auto", "loader", "device"] = "auto"
-    ema_momentum: float = 0.0  # model EMA; 0: none (DeiT: 0.99996)
-    # initialization (fine-tuning): backbone file or run directory / checkpoint step directory, or
-    # with init_from_format timm / dinov2 / hf a released plain checkpoint; specialized as model.spec
-    # (lspretrain/methods/init_from.py)
-    init_from: str = ""
-    init_from_format: str = ""
-    init_which: Optional[str] = None  # backbone in a training checkpoint: model / ema (lspretrain.convert)
-    init_head: bool = False  # also take the head (a training checkpoint with the same num_classes)
-
-    def __post_init__(self) -> None:
-        def fail(key: str, expected: str) -> None:
-            raise ValueError(f"method.{key}={getattr(self, key)!r}: expected {expected}")
-
-        if self.loss not in ("ce", "bce"):
-            fail("loss", "'ce' or 'bce'")
-        if self.augment not in ("resize", "three_augment", "simple_random_crop"):
-            fail("augment", "'resize', 'three_augment' or 'simple_random_crop'")
-        if self.num_classes < 1:
-            fail("num_classes", ">= 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            fail("label_smoothing", "a value in [0, 1)")
-        if self.loss == "bce" and self.bce_binarize and self.label_smoothing > 0:
-            fail("label_smoothing", "0 with loss=bce and bce_binarize=true (every class would be a positive)")
-        if self.repeats < 1:
-            fail("repeats", ">= 1")
-        if not 0.0 <= self.ema_momentum < 1.0:
-            fail("ema_momentum", "a value in [0, 1) (0: no EMA)")
-        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
-            fail("rrc_scale", "[min, max] with 0 < min <= max <= 1")
-        if self.init_head and not self.init_from:
-            fail("init_head", "false without method.init_from")
-        from .init_from import check_init_format
-
-        check_init_format(self.init_from_format, "method.init_from_format")
-        if self.init_from_format and not self.init_from:
-            fail("init_from_format", "'' without method.init_from (the file to read)")
-
-    @property
-    def mixes(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 @dataclass
@@ -152,10 +91,9 @@ def topk_accuracy(backbone: nn.Module, head: nn.Module, batches: Iterable[dict],
 
 
 class Classification(Method):
-    config_class = ClassificationConfig
-
-    def __init__(self, cfg: ClassificationConfig, model_cfg: ModelConfig):
-        super().__init__(cfg, model_cfg)
+    def __init__(self, cfg: ClassificationConfig, model_cfg: ModelConfig, total_steps: int = 1):
+        # No schedule of its own reads total_steps: a classifier built outside a run needs none.
+        super().__init__(cfg, model_cfg, total_steps)
         self.backbone = build_backbone(model_cfg.arch, model_cfg.spec, **model_cfg.overrides)
         self.head = nn.Linear(self.backbone.embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
@@ -227,13 +165,13 @@ class Classification(Method):
     def evaluation_backbone(self) -> nn.Module:
         return self.backbone
 
-    def evaluate(self, cfg: TrainConfig, strategy) -> dict[str, float]:
+    def evaluate(self, eval_cfg: EvalConfig) -> dict[str, float]:
         """Top-1/top-5 (%) on ``eval.shards``/``eval.index`` (resized to the model's resolution),
         of the model and of its EMA (``ema_top1``...). Every rank evaluates the same images."""
         from ..eval.data import evaluation_images
 
         if not hasattr(self, "_eval_batches"):  # decoded once when they fit in eval.cache_gib
-            e = cfg.eval
+            e = eval_cfg
             self._eval_batches = evaluation_images(e.shards, e.index, self.backbone.cfg.img_size, e.max_samples,
                                                    e.batch_size, e.cache_gib * 2**30)
         models = {"": (self.backbone, self.head)}
@@ -244,19 +182,17 @@ class Classification(Method):
                     for k, v in topk_accuracy(backbone, head, self._eval_batches).items()}
 
     # -- data and accounting ------------------------------------------------------------
-    def build_loader(self, cfg: TrainConfig, rank: int, world_size: int):
-        if cfg.data_source == "synthetic":
+    def build_loader(self, data: DataConfig | SyntheticDataConfig, run_device: str, rank: int, world_size: int):
+        if isinstance(data, SyntheticDataConfig):
             from ..engine.synthetic import SyntheticLoader
 
-            s = cfg.synthetic
-            return SyntheticLoader(s.batch_size, s.img_size, s.num_classes, s.seed, rank, world_size)
+            return SyntheticLoader(data.batch_size, data.img_size, data.num_classes, data.seed, rank, world_size)
         from ..data import SupervisedCollate, build_loader
-
         from ..data.photometric import photometric_on_device
 
-        data, r = cfg.data, self.cfg.repeats
+        r = self.cfg.repeats
         transform = self.transform()
-        if photometric_on_device(self.cfg.photometric, cfg.run.device) and hasattr(transform, "photometric"):
+        if photometric_on_device(self.cfg.photometric, run_device) and hasattr(transform, "photometric"):
             collate = SupervisedCollate()  # uint8 images: see _device_augment
         else:
             collate = SupervisedCollate(photometric=getattr(transform, "photometric", None), mixup=self.mixup())

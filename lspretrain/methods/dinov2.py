@@ -12,75 +12,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from ..engine.config import ModelConfig
+from ..data.config import DataConfig
+from ..engine.config import EvalConfig, ModelConfig
 from ..models import build_backbone
 from ..models.heads import DINOHead
 from ..models.vit import DropPath
 from .base import Method
+from .configs import DINOv2Config
 from .ssl_losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 __all__ = ["DINOv2Config", "DINOv2", "teacher_momentum", "teacher_temperature"]
-
-
-@dataclass
-class DINOv2Config:
-    name: str = "dinov2"
-    # heads (REFERENCE.md §2: 65,536 prototypes, 131,072 and bottleneck 384 for L/g)
-    head_prototypes: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    ibot_separate_head: bool = False
-    # losses
-    dino_loss_weight: float = 1.0
-    ibot_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    student_temp: float = 0.1
-    centering: Literal["sinkhorn_knopp", "softmax"] = "sinkhorn_knopp"
-    center_momentum: float = 0.9  # softmax centering only
-    # teacher: temperature warmup 0.04 -> 0.07, EMA momentum cosine 0.992 -> 1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 37500  # 30 "epochs" of 1,250 iterations
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    freeze_last_layer_steps: int = 1250  # the first "epoch"
-    # crops (the data side reads these too)
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    n_local_crops: int = 8
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    mask_probability: float = 0.5
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    # where the batched colour/blur/solarize augmentations run: "loader" (CPU workers), "device"
-    # (the training device, on uint8 crops), "auto" = device on CUDA (lspretrain/data/photometric.py)
-    photometric: Literal["auto", "loader", "device"] = "auto"
-    # continued pretraining (lspretrain/methods/init_from.py): student and teacher backbones from
-    # a backbone file or a run ("" format), or a released plain checkpoint (timm / dinov2 / hf),
-    # specialized as model.spec; the heads fresh, or from head_init_from
-    init_from: str = ""
-    init_from_format: str = ""
-    init_which: Optional[str] = None  # backbone / heads in a training checkpoint (default: the teacher)
-    head_init_from: str = ""
-    # the heads train alone for the first steps: the student backbone runs without autograd (no
-    # gradient: AdamW and LAMB neither move nor decay it, its moments stay fresh); single / fsdp2
-    freeze_backbone_steps: int = 0
-
-    def __post_init__(self) -> None:
-        from .init_from import check_init_format
-
-        check_init_format(self.init_from_format, "method.init_from_format")
-        if self.init_from_format and not self.init_from:
-            raise ValueError(f"method.init_from_format={self.init_from_format!r} without method.init_from (the file to read)")
-        if self.freeze_backbone_steps < 0:
-            raise ValueError(f"method.freeze_backbone_steps={self.freeze_backbone_steps}: expected >= 0")
 
 
 def teacher_temperature(cfg: DINOv2Config, step: int) -> float:
@@ -141,11 +86,8 @@ class _Branch(nn.Module):
 class DINOv2(Method):
     """Student and EMA teacher (same specialization preset) with DINO/iBOT heads."""
 
-    config_class = DINOv2Config
-
-    def __init__(self, cfg: DINOv2Config, model_cfg: ModelConfig):
-        super().__init__(cfg, model_cfg)
-        self.total_steps = 1  # the trainer sets the run's length (teacher momentum schedule)
+    def __init__(self, cfg: DINOv2Config, model_cfg: ModelConfig, total_steps: int):
+        super().__init__(cfg, model_cfg, total_steps)  # the teacher momentum's cosine spans the run
         overrides = {"mask_token": True, **model_cfg.overrides}
         self.student = _Branch(build_backbone(model_cfg.arch, model_cfg.spec, **overrides), cfg)
         if cfg.init_from or cfg.head_init_from:
@@ -264,14 +206,14 @@ class DINOv2(Method):
     def evaluation_backbone(self) -> nn.Module:
         return self.teacher.backbone  # the EMA teacher: the model DINOv2 evaluates and releases
 
-    def evaluate(self, cfg, strategy) -> dict[str, float]:
+    def evaluate(self, eval_cfg: EvalConfig) -> dict[str, float]:
         """k-NN (k = 20, cosine, T = 0.07) of the teacher's CLS features: reference images from
         ``eval.train_shards``/``eval.train_index``, queries from ``eval.shards``/``eval.index``."""
         from ..eval import extract_features, knn_accuracy
         from ..eval.data import evaluation_images
 
         if not hasattr(self, "_eval_sets"):  # decoded once when they fit in eval.cache_gib
-            e, size = cfg.eval, self.cfg.global_crop_size
+            e, size = eval_cfg, self.cfg.global_crop_size
             if not (e.train_shards or e.train_index):
                 raise ValueError("DINOv2 k-NN evaluation needs eval.train_shards or eval.train_index (labelled reference images)")
             self._eval_sets = [evaluation_images(shards, index, size, e.max_samples, e.batch_size, e.cache_gib * 2**30)
@@ -283,24 +225,18 @@ class DINOv2(Method):
         return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
     # -- data and accounting ----------------------------------------------------------------
-    def build_loader(self, cfg, rank: int, world_size: int):
+    def build_loader(self, data: DataConfig, run_device: str, rank: int, world_size: int):
         from ..data import DINOv2Collate, DINOv2MultiCrop, build_loader
         from ..data.photometric import photometric_on_device
 
         c = self.cfg
-        if c.freeze_backbone_steps and cfg.strategy.name in ("ddp", "deepspeed"):
-            # Checked here, the first hook that sees the strategy, before the strategy is set up.
-            # DDP requires a gradient for every parameter each step, and ZeRO fills missing ones
-            # with zeros that its optimizer then decays: neither leaves the backbone untouched.
-            raise ValueError(f"method.freeze_backbone_steps={c.freeze_backbone_steps} needs strategy.name single or "
-                             f"fsdp2 (a frozen backbone has no gradients), not {cfg.strategy.name}")
         crops = DINOv2MultiCrop(global_size=c.global_crop_size, local_size=c.local_crop_size, n_local=c.n_local_crops,
                                 global_scale=tuple(c.global_crops_scale), local_scale=tuple(c.local_crops_scale))
-        on_device = photometric_on_device(c.photometric, cfg.run.device)
+        on_device = photometric_on_device(c.photometric, run_device)
         collate = DINOv2Collate(patch_size=self.student.backbone.cfg.patch_size, global_size=c.global_crop_size,
                                 photometric=None if on_device else crops.photometric, mask_ratio=tuple(c.mask_ratio_min_max),
                                 mask_probability=c.mask_probability)
-        return build_loader(cfg.data, crops, collate, rank=rank, world_size=world_size)
+        return build_loader(data, crops, collate, rank=rank, world_size=world_size)
 
     def train_flops_per_sample(self) -> float:
         """Student forward+backward on 2 global and n local crops, teacher forward on 2 globals
