@@ -25,7 +25,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import VisionTransformer, build_backbone, get_spec, is_cls_param, merge_lora, routed_modules
+from .models import (
+    RoutedLayerNorm,
+    RoutedLayerScale,
+    VisionTransformer,
+    build_backbone,
+    get_spec,
+    is_cls_param,
+    merge_lora,
+    routed_modules,
+)
 
 __all__ = ["param_breakdown", "fvcore_forward_macs", "flop_counter_flops", "account", "Accounting", "report", "format_markdown"]
 
@@ -34,19 +43,23 @@ _SDPA_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backw
 
 
 # -- parameters -------------------------------------------------------------------------
-def _kind(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf.startswith("cls_lora") or leaf == "cls_bias_delta":
-        return "lora"
-    if ".qkv." in name:
-        return "qkv"
-    if leaf == "cls_gamma":
-        return "layerscale"
-    return "norm"
+def _cls_param_kinds(model: nn.Module) -> dict[str, str]:
+    """Name of every CLS parameter -> the kind of layer it specializes (a low-rank qkv: lora)."""
+    kinds = {}
+    for prefix, layer in routed_modules(model):
+        if isinstance(layer, RoutedLayerNorm):
+            kind = "norm"
+        elif isinstance(layer, RoutedLayerScale):
+            kind = "layerscale"
+        else:
+            kind = "lora" if layer.lora_rank else "qkv"
+        kinds.update({f"{prefix}.{leaf}": kind for leaf, _ in layer.named_parameters(recurse=False) if is_cls_param(leaf)})
+    return kinds
 
 
 def param_breakdown(model: nn.Module) -> dict:
     """Total/trainable params and the params specialization added, by kind and by block."""
+    cls_kinds = _cls_param_kinds(model)
     total = trainable = 0
     extra = Counter({"norm": 0, "qkv": 0, "layerscale": 0, "lora": 0})
     per_block: dict[str, Counter] = {}
@@ -55,10 +68,10 @@ def param_breakdown(model: nn.Module) -> dict:
         trainable += p.numel() if p.requires_grad else 0
         part = name.split(".")[0] + (f".{name.split('.')[1]}" if name.startswith("blocks.") else "")
         row = per_block.setdefault(part, Counter())
-        if is_cls_param(name):
-            extra[_kind(name)] += p.numel()
+        if name in cls_kinds:
+            extra[cls_kinds[name]] += p.numel()
             row["extra"] += p.numel()
-            row[f"extra_{_kind(name)}"] += p.numel()
+            row[f"extra_{cls_kinds[name]}"] += p.numel()
         else:
             row["shared"] += p.numel()
     return {"total": total, "trainable": trainable, "extra": dict(extra), "per_part": {k: dict(v) for k, v in per_block.items()}}

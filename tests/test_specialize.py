@@ -23,6 +23,7 @@ from lspretrain.models import (
     merge_lora,
     specialize,
 )
+from lspretrain.models.specialize import shared_twin, spec_from_state_dict
 from lspretrain.models.vit import LayerScale
 
 TINY = dict(embed_dim=48, depth=3, num_heads=3, img_size=32, num_registers=2, layerscale_init=0.1, mask_token=True)
@@ -85,6 +86,26 @@ def test_specializing_a_trained_state_dict():
     plain_keys = set(trained.state_dict())
     assert plain_keys <= set(special.state_dict())
     assert all(is_cls_param(k) for k in set(special.state_dict()) - plain_keys)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
+def test_cls_params_are_exactly_the_added_ones_and_name_their_shared_twin(preset):
+    plain_keys = set(tiny_plain().state_dict())
+    special = specialize(tiny_plain(), preset)
+    for name in special.state_dict():
+        assert is_cls_param(name) == (name not in plain_keys), name
+        if is_cls_param(name):
+            assert shared_twin(name) in plain_keys and shared_twin(name).rpartition(".")[0] == name.rpartition(".")[0]
+        else:
+            assert shared_twin(name) == name
+    # The CLS *token* is every ViT's own, not a twin of anything, wherever it sits.
+    assert not is_cls_param("cls_token") and not is_cls_param("backbone.cls_token")
+    assert not is_cls_param("student.backbone.cls_token")
+    # The preset comes back from the state dict's keys alone (block selections resolved).
+    inferred, spec, depth = spec_from_state_dict(special.state_dict(), TINY["depth"]), get_spec(preset), TINY["depth"]
+    for field in ("norm", "qkv", "layerscale"):
+        assert inferred.blocks(field, depth) == spec.blocks(field, depth), field
+    assert (inferred.final_norm, inferred.lora_rank) == (spec.final_norm, spec.lora_rank)
 
 
 def test_cls_params_take_effect():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..models import SpecializationSpec, VisionTransformer, ViTConfig, get_spec, is_cls_param, specialize
+from ..models.specialize import cls_param_matches_shared, spec_from_state_dict
 
 __all__ = [
     "Backbone", "ConversionError", "load_tensor_file", "select_backbone", "infer_vit_config", "infer_spec",
@@ -193,34 +194,9 @@ def infer_vit_config(sd: dict[str, torch.Tensor], source: str, num_heads: int | 
 
 
 def infer_spec(sd: dict[str, torch.Tensor], depth: int, registers_with: str = "patches") -> dict:
-    """The specialization a state dict's ``cls_*`` keys describe (block lists, LoRA rank)."""
-
-    def blocks(suffix: str) -> list[int]:
-        return sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(suffix)})
-
-    def sel(idx: list[int]):
-        return "none" if not idx else "all" if idx == list(range(depth)) else idx
-
-    qkv = blocks("attn.qkv.cls_weight") + blocks("attn.qkv.cls_lora_a")
-    lora = next((v.shape[0] for k, v in sd.items() if k.endswith("cls_lora_a")), 0)
-    return SpecializationSpec(
-        norm=sel(blocks("norm1.cls_weight")), final_norm="norm.cls_weight" in sd, qkv=sel(sorted(qkv)),
-        layerscale=sel(blocks("ls1.cls_gamma")), lora_rank=lora, registers_with=registers_with,
-    ).to_dict()
-
-
-def _cls_twin_is_shared(name: str, sd: dict[str, torch.Tensor]) -> bool:
-    """Whether CLS parameter ``name`` computes exactly what its shared twin computes."""
-    base, leaf = name.rsplit(".", 1)
-    if leaf in ("cls_lora_a", "cls_lora_b"):  # what matters is the delta B·A, not A or B alone
-        a, b = sd[f"{base}.cls_lora_a"], sd[f"{base}.cls_lora_b"]
-        return bool((b.float() @ a.float()).eq(0).all())
-    if leaf == "cls_bias_delta":
-        return bool(sd[name].eq(0).all())
-    shared = sd.get(f"{base}.{leaf[len('cls_'):]}")
-    if shared is None:  # a CLS bias for a bias-free layer: equal iff zero
-        return bool(sd[name].eq(0).all())
-    return torch.equal(sd[name], shared)
+    """The specialization a state dict's CLS parameters describe, in the dict form a ``Backbone``
+    carries."""
+    return spec_from_state_dict(sd, depth, registers_with).to_dict()
 
 
 def require_plain(bb: Backbone, fmt: str, allow_equal_cls: bool = False) -> Backbone:
@@ -230,7 +206,7 @@ def require_plain(bb: Backbone, fmt: str, allow_equal_cls: bool = False) -> Back
     cls_keys = sorted(k for k in bb.state_dict if is_cls_param(k))
     if not cls_keys:
         return bb
-    differing = [k for k in cls_keys if not _cls_twin_is_shared(k, bb.state_dict)]
+    differing = [k for k in cls_keys if not cls_param_matches_shared(k, bb.state_dict)]
     if not allow_equal_cls or differing:
         why = (
             f"{len(differing)} of them differ from the shared weights (e.g. {differing[0]})"

@@ -12,8 +12,9 @@ checkpoint-wrapped models whose names carry ``module.``, ``_orig_mod.`` ... segm
   lr scale = layer_decay ** (num_layers + 1 - layer_id).
 - Patch-embedding parameters get an extra ``patch_embed_lr_mult`` (DINOv2: 0.2).
 - Specialized [CLS] parameters (``cls_weight``, ``cls_lora_a`` ...) are classified as their
-  shared twin (``weight``, ``bias``, ``gamma``): same layer id, same decay rule, so the CLS copy
-  of a layer trains under exactly the regime of the patch copy.
+  shared twin (``weight``, ``bias``, ``gamma``; ``lspretrain.models.specialize.shared_twin``): same
+  layer id, same decay rule, so the CLS copy of a layer trains under exactly the regime of the
+  patch copy.
 
 Every group carries ``lr_scale`` and ``wd_scale``; ``lspretrain.engine.schedules`` multiplies
 the scheduled lr / wd by them at every step.
@@ -29,20 +30,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..models.specialize import shared_twin
+
 __all__ = ["OptimConfig", "scaled_lr", "param_groups", "canonical_name", "Lamb", "build_optimizer"]
 
 _WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 _LAYER0_SEGMENTS = frozenset({"patch_embed", "pos_embed", "cls_token", "reg_token", "register_tokens", "mask_token"})
 _NO_DECAY_SEGMENTS = frozenset({"pos_embed", "cls_token", "reg_token", "register_tokens", "mask_token"})
-# Leaf name of a specialized CLS parameter -> leaf name of the shared parameter it copies.
-_CLS_TWIN = {
-    "cls_weight": "weight",
-    "cls_bias": "bias",
-    "cls_gamma": "gamma",
-    "cls_lora_a": "weight",
-    "cls_lora_b": "weight",
-    "cls_bias_delta": "bias",
-}
 
 
 @dataclass(kw_only=True)
@@ -142,7 +136,7 @@ def _layer_id(segments: list[str], num_layers: int) -> int:
 
 
 def _decays(segments: list[str], ndim: int) -> bool:
-    leaf = _CLS_TWIN.get(segments[-1], segments[-1])
+    leaf = shared_twin(segments[-1])  # a CLS parameter decays as its shared twin
     if _NO_DECAY_SEGMENTS.intersection(segments):
         return False
     return ndim > 1 and leaf != "bias" and leaf != "gamma"

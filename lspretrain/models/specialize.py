@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Union
+from typing import ClassVar, Literal, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ __all__ = [
     "RoutedLinear",
     "routed_modules",
     "is_cls_param",
+    "shared_twin",
+    "cls_param_matches_shared",
+    "spec_from_state_dict",
 ]
 
 BlockSelection = Union[Literal["all", "none", "first_third"], tuple[int, ...]]
@@ -101,6 +104,8 @@ class RoutedLayerNorm(nn.LayerNorm):
     """LayerNorm whose affine parameters differ for the CLS tokens (normalisation is shared:
     it has no parameters)."""
 
+    CLS_TWINS: ClassVar[dict[str, str]] = {"cls_weight": "weight", "cls_bias": "bias"}  # CLS parameter -> shared twin
+
     def __init__(self, shared: nn.LayerNorm, num_cls: int):
         super().__init__(shared.normalized_shape, eps=shared.eps, device=shared.weight.device, dtype=shared.weight.dtype)
         self.weight, self.bias = shared.weight, shared.bias
@@ -124,6 +129,8 @@ class RoutedLayerNorm(nn.LayerNorm):
 
 
 class RoutedLayerScale(LayerScale):
+    CLS_TWINS: ClassVar[dict[str, str]] = {"cls_gamma": "gamma"}
+
     def __init__(self, shared: LayerScale, num_cls: int):
         nn.Module.__init__(self)
         self.gamma = shared.gamma
@@ -142,6 +149,11 @@ class RoutedLayerScale(LayerScale):
 class RoutedLinear(nn.Linear):
     """Linear with its own weight for the CLS tokens: a full copy (``lora_rank == 0``) or the
     shared weight plus a rank-r delta ``cls_lora_b @ cls_lora_a`` (B starts at zero)."""
+
+    # Full copy: cls_weight, cls_bias; low rank: cls_lora_a, cls_lora_b, cls_bias_delta (deltas on
+    # the shared weight and bias, so their twins are those).
+    CLS_TWINS: ClassVar[dict[str, str]] = {"cls_weight": "weight", "cls_bias": "bias", "cls_lora_a": "weight",
+                                           "cls_lora_b": "weight", "cls_bias_delta": "bias"}
 
     def __init__(self, shared: nn.Linear, num_cls: int, lora_rank: int = 0):
         nn.Module.__init__(self)
@@ -184,6 +196,17 @@ class RoutedLinear(nn.Linear):
 
 
 ROUTED_TYPES = (RoutedLayerNorm, RoutedLayerScale, RoutedLinear)
+# Leaf name of every CLS parameter -> leaf name of its shared twin in the same layer (one meaning
+# per leaf across the routed types: ``cls_weight`` is the CLS copy of ``weight`` wherever it is).
+_CLS_TWIN: dict[str, str] = {leaf: shared for t in ROUTED_TYPES for leaf, shared in t.CLS_TWINS.items()}
+# The layers each spec field routes: their paths inside a block and the routed type replacing
+# them; ``final_norm`` routes the model's ``norm``.
+_BLOCK_LAYERS: dict[str, tuple[tuple[str, ...], type]] = {
+    "norm": (("norm1", "norm2"), RoutedLayerNorm),
+    "layerscale": (("ls1", "ls2"), RoutedLayerScale),
+    "qkv": (("attn.qkv",), RoutedLinear),
+}
+_FINAL_NORM = "norm"
 
 
 @dataclass(frozen=True)
@@ -274,24 +297,24 @@ def specialize(model: VisionTransformer, spec: str | SpecializationSpec) -> Visi
         raise ValueError("model is already specialized; build a plain model and specialize it once")
     depth, cfg = len(model.blocks), model.cfg
     num_cls = 1 + (cfg.num_registers if spec.registers_with == "cls" else 0)
-    norm_blocks, qkv_blocks, ls_blocks = (spec.blocks(k, depth) for k in ("norm", "qkv", "layerscale"))
-    if ls_blocks and cfg.layerscale_init is None:
+    selected = {field: spec.blocks(field, depth) for field in _BLOCK_LAYERS}
+    if selected["layerscale"] and cfg.layerscale_init is None:
         raise ValueError("spec specializes LayerScale but the model has none (layerscale_init=None)")
-    if spec.lora_rank and not qkv_blocks:
+    if spec.lora_rank and not selected["qkv"]:
         raise ValueError(f"lora_rank={spec.lora_rank} but the spec specializes no qkv block")
     if spec.lora_rank > cfg.embed_dim:
         raise ValueError(f"lora_rank={spec.lora_rank} exceeds the model width {cfg.embed_dim}")
     for i, blk in enumerate(model.blocks):
-        if i in norm_blocks:
-            blk.norm1 = RoutedLayerNorm(blk.norm1, num_cls)
-            blk.norm2 = RoutedLayerNorm(blk.norm2, num_cls)
-        if i in ls_blocks:
-            blk.ls1 = RoutedLayerScale(blk.ls1, num_cls)
-            blk.ls2 = RoutedLayerScale(blk.ls2, num_cls)
-        if i in qkv_blocks:
-            blk.attn.qkv = RoutedLinear(blk.attn.qkv, num_cls, spec.lora_rank)
+        for field, (paths, routed) in _BLOCK_LAYERS.items():
+            if i not in selected[field]:
+                continue
+            extra = {"lora_rank": spec.lora_rank} if routed is RoutedLinear else {}
+            for path in paths:
+                parent, _, attr = path.rpartition(".")
+                owner = blk.get_submodule(parent)
+                setattr(owner, attr, routed(getattr(owner, attr), num_cls, **extra))
     if spec.final_norm:
-        model.norm = RoutedLayerNorm(model.norm, num_cls)
+        setattr(model, _FINAL_NORM, RoutedLayerNorm(getattr(model, _FINAL_NORM), num_cls))
     model.specialization = spec
     return model
 
@@ -319,5 +342,48 @@ def routed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def is_cls_param(name: str) -> bool:
-    """True for the parameters specialization added (``...cls_weight``, ``...cls_lora_a``)."""
-    return name.rsplit(".", 1)[-1].startswith("cls_") and name != "cls_token"
+    """True for the parameters specialization added (``...cls_weight``, ``...cls_lora_a``), not for
+    the CLS token (``cls_token``), which every ViT has."""
+    return name.rsplit(".", 1)[-1] in _CLS_TWIN
+
+
+def shared_twin(name: str) -> str:
+    """The shared parameter a CLS parameter belongs with, in the same layer
+    (``blocks.0.norm1.cls_weight`` -> ``blocks.0.norm1.weight``; the LoRA factors and bias delta ->
+    the weight and bias they modify); any other name unchanged."""
+    parent, dot, leaf = name.rpartition(".")
+    return parent + dot + _CLS_TWIN.get(leaf, leaf)
+
+
+def cls_param_matches_shared(name: str, sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether CLS parameter ``name`` of state dict ``sd`` leaves its layer computing exactly
+    what the shared parameters compute for the patches (dropping it would change nothing)."""
+    layer, _, leaf = name.rpartition(".")
+    if leaf in ("cls_lora_a", "cls_lora_b"):  # what matters is the delta B·A, not A or B alone
+        a, b = sd[f"{layer}.cls_lora_a"], sd[f"{layer}.cls_lora_b"]
+        return bool((b.float() @ a.float()).eq(0).all())
+    if leaf == "cls_bias_delta":
+        return bool(sd[name].eq(0).all())
+    shared = sd.get(shared_twin(name))
+    if shared is None:  # a CLS bias for a bias-free layer: equal iff zero
+        return bool(sd[name].eq(0).all())
+    return torch.equal(sd[name], shared)
+
+
+def spec_from_state_dict(sd: Mapping[str, torch.Tensor], depth: int, registers_with: str = "patches") -> SpecializationSpec:
+    """The specialization whose CLS parameters a backbone state dict of ``depth`` blocks holds
+    (block lists, LoRA rank); ``registers_with`` is not visible in the weights."""
+
+    def routed_blocks(field: str) -> list[int]:
+        paths, routed = _BLOCK_LAYERS[field]
+        cls_keys = {f"{paths[0]}.{leaf}" for leaf in routed.CLS_TWINS}
+        return sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".", 2)[-1] in cls_keys})
+
+    def selection(blocks: list[int]) -> BlockSelection:
+        return "none" if not blocks else "all" if blocks == list(range(depth)) else tuple(blocks)
+
+    lora_rank = next((v.shape[0] for k, v in sd.items() if k.endswith(".cls_lora_a")), 0)
+    final_norm = any(f"{_FINAL_NORM}.{leaf}" in sd for leaf in RoutedLayerNorm.CLS_TWINS)
+    return SpecializationSpec(norm=selection(routed_blocks("norm")), final_norm=final_norm,
+                              qkv=selection(routed_blocks("qkv")), layerscale=selection(routed_blocks("layerscale")),
+                              lora_rank=lora_rank, registers_with=registers_with)
