@@ -43,6 +43,16 @@ def test_wrong_type_refused(override, key):
         load_config(RECIPE, [override])
 
 
+def test_strategy_names_are_the_registry_s():
+    from lspretrain.engine.strategy_registry import STRATEGIES
+
+    assert [load_config(RECIPE, [f"strategy.name={name}"]).strategy.name for name in STRATEGIES] == list(STRATEGIES)
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, ["strategy.name=fsdp"])
+    assert str(err.value) == ("bad value for config key 'strategy.name': 'fsdp' is not one of single, ddp, fsdp2, "
+                              "deepspeed; did you mean fsdp2?")
+
+
 def test_cross_section_rules():
     with pytest.raises(ConfigError, match="embed_dimm.*did you mean.*embed_dim"):
         load_config(RECIPE, ["model.overrides.embed_dimm=8"])

@@ -11,6 +11,7 @@ checkpoints. Everything goes through a ``Backbone`` (state dict + ViTConfig + sp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ..models import PRESETS, get_spec, specialize
 from . import dinov2, hf, native, onnx, timm
@@ -23,8 +24,26 @@ __all__ = [
     "write", "load_backbone",
 ]
 
-EXPORT_FORMATS = ("torch", "safetensors", "timm", "dinov2", "hf", "onnx")
 IMPORT_FORMATS = ("timm", "dinov2", "hf")
+
+
+def _keeps_cls(save: Callable[[Backbone, Path, str], Summary]) -> Callable[[Backbone, Path, str, bool], Summary]:
+    """A writer of a format with a slot for every CLS parameter (``EXACT_FORMATS``), which has
+    nothing to drop, as a writer taking ``allow_equal_cls``."""
+    return lambda bb, out, dtype, allow_equal_cls: save(bb, out, dtype)
+
+
+# --to name -> writer(backbone, out, dtype, allow_equal_cls) -> Summary. The plain layouts (timm,
+# dinov2, hf) refuse a specialized backbone unless allow_equal_cls and its CLS parameters are
+# still equal to the shared ones.
+EXPORT_FORMATS: dict[str, Callable[[Backbone, Path, str, bool], Summary]] = {
+    "torch": _keeps_cls(native.save_torch),
+    "safetensors": _keeps_cls(native.save_safetensors),
+    "timm": timm.save,
+    "dinov2": dinov2.save,
+    "hf": hf.save,
+    "onnx": _keeps_cls(onnx.save),
+}
 
 
 def read_source(path: str | Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
@@ -71,13 +90,7 @@ def read_released(
 
 
 def write(bb: Backbone, fmt: str, out: str | Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:
-    out = Path(out)
-    if fmt == "torch":
-        return native.save_torch(bb, out, dtype)
-    if fmt == "safetensors":
-        return native.save_safetensors(bb, out, dtype)
-    if fmt == "onnx":
-        return onnx.save(bb, out, dtype)
-    if fmt in ("timm", "dinov2", "hf"):
-        return {"timm": timm, "dinov2": dinov2, "hf": hf}[fmt].save(bb, out, dtype, allow_equal_cls)
-    raise ConversionError(f"--to {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    """``bb`` in the export format ``fmt`` (``EXPORT_FORMATS``) under ``out``."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConversionError(f"--to {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    return EXPORT_FORMATS[fmt](bb, Path(out), dtype, allow_equal_cls)

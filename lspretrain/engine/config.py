@@ -21,6 +21,7 @@ from ..data.config import DataConfig
 from ..eval.dense import DenseEvalConfig
 from ..methods.registry import METHODS
 from .optim import OptimConfig
+from .strategy_registry import STRATEGIES
 
 __all__ = [
     "RunConfig", "ModelConfig", "FSDPConfig", "DeepSpeedConfig", "StrategyConfig", "CheckpointConfig",
@@ -65,7 +66,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["single", "ddp", "fsdp2", "deepspeed"] = "single"
+    name: str = "single"  # a key of STRATEGIES (engine/strategy_registry.py), checked at load
     # auto: bf16 on CUDA devices and CPUs with native bf16 arithmetic, else fp32 (engine/precision.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -228,11 +229,12 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | 
 
 
 def _check(cfg: TrainConfig) -> None:
-    """Cross-section rules the types cannot express."""
+    """Cross-section rules the types cannot express, and names the registries must know."""
     import torch
 
     from ..models import build_backbone
 
+    _check_registered("strategy.name", cfg.strategy.name, STRATEGIES)
     try:
         with torch.device("meta"):  # the whole backbone, no memory: arch, overrides and spec agree
             build_backbone(cfg.model.arch, cfg.model.spec, **cfg.model.overrides)
@@ -262,6 +264,13 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"checkpoint.every_minutes={cfg.checkpoint.every_minutes}: must be >= 0")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
+
+
+def _check_registered(key: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        close = difflib.get_close_matches(value, registry, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"bad value for config key {key!r}: {value!r} is not one of {', '.join(registry)}{hint}")
 
 
 def check_data_exists(cfg: TrainConfig) -> None:
