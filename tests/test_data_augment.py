@@ -41,11 +41,8 @@ def test_dinov2_multicrop_and_collate_shapes_ranges_masks():
     assert m.shape == (16, 49) and m.dtype == torch.bool
     masked_rows = m.any(1)
     assert int(masked_rows.sum()) == 8  # 50 % of the 2B global crops
-    assert batch["n_masked_patches"].item() == m.sum() == len(batch["mask_indices"]) == len(batch["mask_weights"])
     assert torch.equal(m.flatten().nonzero().flatten(), batch["mask_indices"])
-    # Weights normalise the iBOT loss per crop: they sum to 1 over each masked crop.
-    assert batch["mask_weights"].sum().item() == pytest.approx(8.0)
-    assert batch["upperbound"] >= m.sum()
+    assert (m.sum(1) <= int(49 * 0.5)).all()  # no crop above the top mask ratio
     assert torch.equal(batch["labels"], torch.arange(8))
 
 

@@ -1,5 +1,6 @@
-"""Layer specialization: exactness at conversion, gradient routing, FLOP equality, parameter
-arithmetic (REFERENCE.md §1), compile / checkpointing / autocast / FSDP2, and bad input."""
+"""Layer specialization (arXiv 2602.08626): exactness at conversion, gradient routing, FLOP
+equality, the parameters each preset adds to ViT-L/14 (counted by hand below), compile /
+checkpointing / autocast / FSDP2, and bad input."""
 import copy
 import os
 import socket

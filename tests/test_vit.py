@@ -14,7 +14,9 @@ def meta_vit(arch, **kw):
         return create_vit(arch, **kw)
 
 
-# REFERENCE.md §3: counted with the public timm and dinov2 code.
+# The backbones' counts in the public code: timm's vit_{small,base,large}_patch16_224 without their
+# 1000-class head (22,050,664 - 385,000 for ViT-S), DeiT-III's (github.com/facebookresearch/deit,
+# models_v2.py) and dinov2's vit_large at patch 14 (github.com/facebookresearch/dinov2).
 @pytest.mark.parametrize(
     "arch,overrides,expected",
     [

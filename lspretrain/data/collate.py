@@ -68,9 +68,9 @@ class DINOv2Collate:
     evenly over ``mask_ratio`` (one sub-interval each), the others get none; the mask order is
     shuffled. Keys (dinov2 names in brackets):
       global_crops (2B,3,G,G), local_crops (nL*B,3,l,l), labels (B,),
-      masks (2B, P) bool [collated_masks], mask_indices (M,) [mask_indices_list],
-      mask_weights (M,) = 1 / masked patches of that crop [masks_weight],
-      n_masked_patches (1,), upperbound int (most patches the ratios allow).
+      masks (2B, P) bool [collated_masks], mask_indices (M,) [mask_indices_list]: the
+      masked patches' positions in ``masks.flatten()``, so the step selects them without reading
+      the device from the host (dinov2's masks_weight is computed by ``ibot_loss`` from ``masks``).
     """
 
     patch_size: int
@@ -99,14 +99,8 @@ class DINOv2Collate:
         patches = self.generator.num_patches
         n_masked = int(n * self.mask_probability)
         bounds = np.linspace(*self.mask_ratio, n_masked + 1)
-        masks, upperbound = [], 0
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            masks.append(self.generator(int(patches * random.uniform(lo, hi))))
-            upperbound += int(patches * hi)
+        masks = [self.generator(int(patches * random.uniform(lo, hi))) for lo, hi in zip(bounds[:-1], bounds[1:])]
         masks += [self.generator(0) for _ in range(n - n_masked)]
         random.shuffle(masks)
         m = torch.from_numpy(np.stack(masks)).flatten(1)
-        idx = m.flatten().nonzero().flatten()
-        weights = (1.0 / m.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(m)[m]
-        return {"masks": m, "mask_indices": idx, "mask_weights": weights,
-                "n_masked_patches": torch.tensor([idx.numel()]), "upperbound": upperbound}
+        return {"masks": m, "mask_indices": m.flatten().nonzero().flatten()}

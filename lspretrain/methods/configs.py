@@ -89,7 +89,9 @@ class ClassificationConfig(MethodConfig):
 @dataclass
 class DINOv2Config(MethodConfig):
     name: str = "dinov2"
-    # heads (REFERENCE.md §2: 65,536 prototypes, 131,072 and bottleneck 384 for L/g)
+    # heads: dinov2's configs/ssl_default_config.yaml (github.com/facebookresearch/dinov2); its
+    # ViT-L/g recipes (configs/train/vitl16_short.yaml, vitg14.yaml) take 131,072 prototypes,
+    # bottleneck 384 and a separate iBOT head
     head_prototypes: int = 65536
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256

@@ -1,11 +1,11 @@
-"""Projection heads: the DINO/iBOT head and the linear classifier."""
+"""The DINO/iBOT projection head (the classifier's head is a plain ``nn.Linear``: methods/classification.py)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOHead", "ClassifierHead"]
+__all__ = ["DINOHead"]
 
 
 class DINOHead(nn.Module):
@@ -41,16 +41,3 @@ class DINOHead(nn.Module):
             # A zero gradient rather than none: DDP and ZeRO expect one for every parameter.
             prototypes = prototypes.detach() + 0.0 * prototypes
         return F.linear(x, F.normalize(prototypes, dim=-1))
-
-
-class ClassifierHead(nn.Module):
-    """Linear classifier on the normalised CLS token."""
-
-    def __init__(self, in_dim: int, num_classes: int, init_std: float = 0.02):
-        super().__init__()
-        self.fc = nn.Linear(in_dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=init_std)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
