@@ -56,20 +56,21 @@ def test_fsdp2_two_ranks_match_one(reference, fsdp2_run):
     assert saved == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]  # async ones finalized
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "ddp", *DEEPSPEED])
+@pytest.mark.parametrize("name", ["single", "fsdp2", "ddp", *DEEPSPEED])
 def test_exact_resume_after_sigterm_with_drop_path(tmp_path, name):
     """With drop path on, the resumed run's per-rank RNG streams continue exactly: every loss
-    equals the uninterrupted 2-rank run's, bit for bit, on every strategy."""
+    equals the uninterrupted run's, bit for bit, on every strategy (2 ranks; single: 1)."""
     model = {"overrides": {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 0.1,
                            "drop_path_rate": 0.3}}
     strategy = {"name": name.split("-")[0], **DEEPSPEED.get(name, {})}
-    full = spawn(2, recipe(tmp_path / "full", "x", 2, model=model, strategy=strategy))
+    ranks = 1 if name == "single" else 2
+    full = spawn(ranks, recipe(tmp_path / "full", "x", ranks, model=model, strategy=strategy))
     assert full["status"] == "completed"
-    r = recipe(tmp_path / "resumed", "x", 2, model=model, strategy=strategy)
-    out = spawn(2, r, signal_at=2)  # SIGTERM to rank 0 while it takes batch 2: stops after step 3
+    r = recipe(tmp_path / "resumed", "x", ranks, model=model, strategy=strategy)
+    out = spawn(ranks, r, signal_at=2)  # SIGTERM to rank 0 while it takes batch 2: stops after step 3
     assert out == {**out, "status": "preempted", "step": 3, "reason": "SIGTERM"}
     assert out["checkpoint"].endswith("step_00000003")
-    out = spawn(2, r)
+    out = spawn(ranks, r)
     assert out["status"] == "completed" and out["step"] == STEPS
     got, want = read_steps(tmp_path / "resumed"), read_steps(tmp_path / "full")
     for s in range(1, STEPS + 1):
