@@ -24,7 +24,6 @@ __all__ = [
     "write", "load_backbone",
 ]
 
-IMPORT_FORMATS = ("timm", "dinov2", "hf")
 
 
 def _keeps_cls(save: Callable[[Backbone, Path, str], Summary]) -> Callable[[Backbone, Path, str, bool], Summary]:
@@ -46,6 +45,27 @@ EXPORT_FORMATS: dict[str, Callable[[Backbone, Path, str, bool], Summary]] = {
 }
 
 
+def _tensor_file_reader(module) -> Callable[[Path, str | None, int | None], Backbone]:
+    """A reader of a released single-file format (timm, dinov2): the backbone ``which`` of the
+    file, renamed by ``module.load``."""
+    def read(path: Path, which: str | None, num_heads: int | None) -> Backbone:
+        obj, meta = load_tensor_file(path)
+        flat = unwrap(obj, str(path))
+        prefix = select_backbone(flat, which, str(path))
+        sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        return module.load(sd, meta, str(path), num_heads)
+    return read
+
+
+# --from name -> reader(path, which, num_heads) -> plain Backbone (the CLI's choices). An HF
+# directory holds one backbone and its config names the head count.
+IMPORT_FORMATS: dict[str, Callable[[Path, str | None, int | None], Backbone]] = {
+    "timm": _tensor_file_reader(timm),
+    "dinov2": _tensor_file_reader(dinov2),
+    "hf": lambda path, which, num_heads: hf.load(path),
+}
+
+
 def read_source(path: str | Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
     """Our backbone file, or the backbone ``which`` of a run directory / DCP / DeepSpeed checkpoint."""
     path = Path(path)
@@ -62,16 +82,9 @@ def read_released(
     """A released plain checkpoint (``fmt`` timm/dinov2/hf) as our backbone, specialized by the
     preset ``spec`` when given (CLS copies start equal to the shared weights: same outputs)."""
     path = Path(path)
-    if fmt == "hf":
-        bb = hf.load(path)
-    elif fmt in ("timm", "dinov2"):
-        obj, meta = load_tensor_file(path)
-        flat = unwrap(obj, str(path))
-        prefix = select_backbone(flat, which, str(path))
-        sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        bb = (timm if fmt == "timm" else dinov2).load(sd, meta, str(path), num_heads)
-    else:
+    if fmt not in IMPORT_FORMATS:
         raise ConversionError(f"--from {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
+    bb = IMPORT_FORMATS[fmt](path, which, num_heads)
     model = bb.build()  # checks that every tensor found its place
     if spec is None or get_spec(spec).is_plain:
         return bb

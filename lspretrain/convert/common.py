@@ -17,7 +17,7 @@ from ..models import SpecializationSpec, VisionTransformer, ViTConfig, get_spec,
 from ..models.specialize import cls_param_matches_shared, spec_from_state_dict
 
 __all__ = [
-    "Backbone", "ConversionError", "load_tensor_file", "select_backbone", "infer_vit_config", "infer_spec",
+    "Backbone", "ConversionError", "load_tensor_file", "select_backbone", "infer_vit_config",
     "require_plain", "cast", "Summary", "EXACT_FORMATS", "unwrap", "save_state_dict",
 ]
 
@@ -193,12 +193,6 @@ def infer_vit_config(sd: dict[str, torch.Tensor], source: str, num_heads: int | 
         raise ConversionError(f"{source}: {err}") from None
 
 
-def infer_spec(sd: dict[str, torch.Tensor], depth: int, registers_with: str = "patches") -> dict:
-    """The specialization a state dict's CLS parameters describe, in the dict form a ``Backbone``
-    carries."""
-    return spec_from_state_dict(sd, depth, registers_with).to_dict()
-
-
 def require_plain(bb: Backbone, fmt: str, allow_equal_cls: bool = False) -> Backbone:
     """``bb`` itself when it has no CLS parameters; otherwise a refusal naming the formats that
     keep them, or (``allow_equal_cls``) the plain backbone when every CLS parameter still equals
@@ -262,7 +256,7 @@ def backbone_from_released(sd: dict[str, torch.Tensor], source: str, num_heads: 
     """A ``Backbone`` from a state dict already renamed to our keys; ``model_args`` (the
     constructor arguments a timm/dinov2 file may carry) settle what the tensors cannot show."""
     vit = infer_vit_config(sd, source, num_heads or model_args.get("num_heads"), layerscale_init=model_args.get("init_values"))
-    return Backbone(sd, vit, infer_spec(sd, vit["depth"]), source, list(notes or []))
+    return Backbone(sd, vit, spec_from_state_dict(sd, vit["depth"]).to_dict(), source, list(notes or []))
 
 
 def save_released(fmt: str, sd: dict[str, torch.Tensor], model_args: dict, notes: list[str], out: Path, dtype: str,

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from .common import (
-    Backbone, ConversionError, Summary, add_dinov2_family_slots, cast, infer_spec, infer_vit_config, load_tensor_file,
+    Backbone, ConversionError, Summary, add_dinov2_family_slots, cast, infer_vit_config, load_tensor_file,
     require_plain,
 )
+from ..models.specialize import spec_from_state_dict
 
 __all__ = ["EMBED_MAP", "BLOCK_MAP", "to_hf", "from_hf", "save", "load"]
 
@@ -135,7 +136,7 @@ def from_hf(sd: dict[str, torch.Tensor], config: dict, source: str) -> Backbone:
         out, source, config.get("num_attention_heads"), mlp_ratio=config.get("mlp_ratio"),
         layerscale_init=config.get("layerscale_value"), norm_eps=config.get("layer_norm_eps"),
     )
-    return Backbone(out, vit, infer_spec(out, vit["depth"]), source, notes)
+    return Backbone(out, vit, spec_from_state_dict(out, vit["depth"]).to_dict(), source, notes)
 
 
 def save(bb: Backbone, out: Path, dtype: str = "fp32", allow_equal_cls: bool = False) -> Summary:

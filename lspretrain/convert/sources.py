@@ -21,7 +21,8 @@ import yaml
 
 from ..engine.safe_load import UnsafeCheckpointError, dcp_load, deepspeed_weights_only, read_dcp_metadata
 from ..models import get_spec, vit_config
-from .common import Backbone, ConversionError, infer_spec, infer_vit_config, select_backbone
+from ..models.specialize import spec_from_state_dict
+from .common import Backbone, ConversionError, infer_vit_config, select_backbone
 
 __all__ = ["is_dcp", "is_deepspeed", "newest_checkpoint", "read_training_checkpoint"]
 
@@ -125,7 +126,7 @@ def read_training_checkpoint(path: Path, which: str | None = None, num_heads: in
         spec = get_spec(model.get("spec", "none")).to_dict()
     else:
         vit = infer_vit_config(sd, source, num_heads)
-        spec = infer_spec(sd, vit["depth"])
+        spec = spec_from_state_dict(sd, vit["depth"]).to_dict()
     # Training-time regularisation is not part of the weights' function.
     vit["drop_path_rate"] = 0.0
     return Backbone(sd, vit, spec, source)

@@ -46,7 +46,7 @@ __all__ = ["INIT_FORMATS", "check_init_format", "read_init_source", "fit_backbon
 
 log = logging.getLogger(__name__)
 
-INIT_FORMATS = ("",) + IMPORT_FORMATS  # "": our backbone file or a training run
+INIT_FORMATS = ("", *IMPORT_FORMATS)  # "": our backbone file or a training run
 # ViTConfig fields that change what the weights compute, beyond what tensor shapes show.
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "ffn", "qkv_bias", "num_registers",
                 "pos_embed_cls", "norm_eps")
