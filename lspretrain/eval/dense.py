@@ -39,6 +39,7 @@ from torch import nn
 
 from ..data.errors import DataError
 from ..data.shard_writer import IGNORE_INDEX
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -270,23 +271,6 @@ def segmentation_metrics(conf: torch.Tensor, class_names: list[str] | None = Non
 
 
 # ------------------------------------------------------------------------------ the probe
-class _Progress:
-    """A log line every ``every_s`` seconds: done/total, rate and ETA."""
-
-    def __init__(self, what: str, total: int, unit: str, every_s: float = 10.0):
-        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        log.info("dense %s %d/%d %s (%.1f/s, ETA %.0f s)", self.what, done, self.total, self.unit, rate,
-                 (self.total - done) / max(rate, 1e-9))
-
-
 class DenseProbe:
     """The probe's data, prepared once; ``evaluate(backbone)`` trains a fresh head on the frozen
     backbone and scores it. Keep one across periodic evaluations to decode the shards once."""
@@ -375,11 +359,11 @@ class DenseProbe:
             dim = backbone.cfg.embed_dim * c.layers * (2 if c.use_cls else 1)
             start = time.perf_counter()
             if nbytes <= c.cache_gib * 2**30:
-                progress, xs, ys = _Progress("features", n_windows, "windows"), [], []
+                progress, xs, ys = Progress("dense features", n_windows, logger=log, unit="windows"), [], []
                 for x, y in self._train_features(backbone, device, window, resize):
                     xs.append(x)
                     ys.append(y)
-                    progress.update(sum(len(b) for b in ys))
+                    progress.update(len(y))
                 feats = (torch.cat(xs), torch.cat(ys))
                 del xs, ys
                 log.info("dense features of %d training windows (%d x %d px, dim %d) in %.1f s", n_windows,
@@ -408,7 +392,7 @@ class DenseProbe:
         total = c.epochs * -(-n_windows // c.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total))  # DINOv2: poly, power 1
         g = torch.Generator().manual_seed(c.seed)
-        progress, step = _Progress("head training", total, "steps"), 0
+        progress = Progress("dense head training", total, logger=log, unit="steps")
         for _ in range(c.epochs):
             if feats is not None:
                 # Shuffle windows across the cached batches each epoch (BatchNorm sees mixed batches).
@@ -426,8 +410,7 @@ class DenseProbe:
                 loss.backward()
                 opt.step()
                 sched.step()
-                step += 1
-                progress.update(step)
+                progress.update()
         return head.eval()
 
     @torch.no_grad()
@@ -439,10 +422,10 @@ class DenseProbe:
         pending: dict[int, list] = {}  # image -> [logit sum, window count, mask, (h, w), windows left]
         batch: list[tuple[int, int, int, torch.Tensor]] = []
         total = len(self.val_images) if isinstance(self.val_images, list) else c.max_val_samples
-        progress, done = _Progress("evaluation", total, "images"), 0
+        progress = Progress("dense evaluation", total, logger=log, unit="images")
 
         def flush() -> None:
-            nonlocal conf, done
+            nonlocal conf
             feats = dense_features(backbone, torch.stack([b[3] for b in batch]).to(device), c.layers, c.use_cls)
             logits = F.interpolate(head(feats), size=(window, window), mode="bilinear", align_corners=False).float().cpu()
             for (i, top, left, _), lg in zip(batch, logits):
@@ -455,8 +438,7 @@ class DenseProbe:
                     mean = (summed / count)[None, :, :h, :w]
                     pred = F.interpolate(mean, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
                     conf += confusion_matrix(pred, mask, k, c.ignore_index)
-                    done += 1
-                    progress.update(done)
+                    progress.update()
             batch.clear()
 
         for i, (_, image, mask) in enumerate(self.val_images):
