@@ -52,7 +52,7 @@ def run(cfg) -> int:
 
     def failed(status: str, error: str) -> dict:
         return {"status": status, "step": trainer.step, "error": error,
-                "checkpoint": str(trainer.ckpt.latest() or "") or None}
+                "checkpoint": str(trainer.ckpt.dir.newest() or "") or None}
 
     try:
         result = trainer.fit()

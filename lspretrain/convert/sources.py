@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import re
 from pathlib import Path
 
 import torch
 import yaml
 
+from ..engine.checkpoint_layout import CheckpointDir
 from ..engine.safe_load import UnsafeCheckpointError, dcp_load, deepspeed_weights_only, read_dcp_metadata
 from ..models import get_spec, vit_config
 from ..models.specialize import spec_from_state_dict
 from .common import Backbone, ConversionError, infer_vit_config, select_backbone
 
-__all__ = ["is_dcp", "is_deepspeed", "newest_checkpoint", "read_training_checkpoint"]
+__all__ = ["is_dcp", "is_deepspeed", "newest_checkpoint", "strategy_dir", "read_training_checkpoint"]
 
 
 def is_dcp(path: Path) -> bool:
@@ -49,28 +49,23 @@ def is_deepspeed(path: Path) -> bool:
     return _deepspeed_tag_dir(path) is not None
 
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
 def newest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run (engine layout, ``lspretrain.engine.checkpoint``):
-    the highest ``RUN/checkpoints/step_N`` holding ``COMPLETE.json``; saves in progress live
-    in ``.tmp-step_N`` and are never picked."""
-    root = run_dir / "checkpoints"
-    steps = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())
-             if (m := _STEP_DIR.match(d.name)) and (d / "COMPLETE.json").is_file()]
-    if not steps:
-        raise ConversionError(f"{run_dir}: not a checkpoint, and no complete checkpoint under {root} (step_N/COMPLETE.json)")
-    return max(steps)[1]
+    """The newest complete checkpoint of a run (``engine.checkpoint_layout``); saves in
+    progress are never picked."""
+    newest = CheckpointDir.of_run(run_dir).newest()
+    if newest is None:
+        raise ConversionError(f"{run_dir}: not a checkpoint, and no complete checkpoint under "
+                              f"{CheckpointDir.of_run(run_dir).root} (step_N/COMPLETE.json)")
+    return newest
 
 
-def _strategy_dir(path: Path) -> Path:
-    """The DCP or DeepSpeed directory ``path`` designates: itself, its ``state/`` (one
-    checkpoint step), or the newest complete checkpoint's ``state/`` (a run directory)."""
-    for candidate in (path, path / "state"):
+def strategy_dir(path: Path) -> Path:
+    """The DCP or DeepSpeed directory ``path`` designates: itself, its step directory's
+    ``state/``, or the newest complete checkpoint's ``state/`` (a run directory)."""
+    for candidate in (path, CheckpointDir.state_dir(path)):
         if is_dcp(candidate) or is_deepspeed(candidate):
             return candidate
-    state = newest_checkpoint(path) / "state"
+    state = CheckpointDir.state_dir(newest_checkpoint(path))
     if not (is_dcp(state) or is_deepspeed(state)):
         raise ConversionError(f"{state}: neither a DCP (.metadata) nor a DeepSpeed (*model_states.pt) checkpoint")
     return state
@@ -117,7 +112,7 @@ def _read_deepspeed(path: Path, which: str | None) -> tuple[dict[str, torch.Tens
 
 def read_training_checkpoint(path: Path, which: str | None = None, num_heads: int | None = None) -> Backbone:
     """The backbone ``which`` (teacher/student/ema/model) of a run directory or checkpoint."""
-    path = _strategy_dir(path)
+    path = strategy_dir(path)
     sd, prefix = (_read_dcp if is_dcp(path) else _read_deepspeed)(path, which)
     source = f"{path}[{prefix or '<top level>'}]"
     model = _run_config(path)

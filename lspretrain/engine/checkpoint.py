@@ -1,16 +1,7 @@
 """Checkpoint directories: atomic, complete-or-absent, keep-K + every-N, auto-resume.
 
-Layout of ``RUN/checkpoints/``::
-
-    step_00001000/              complete checkpoints only (renamed in when finished)
-        COMPLETE.json           step, world size, strategy, time; written last, before the rename
-        state/                  the strategy's files: DCP shards + .metadata, or DeepSpeed's
-        rank/00000.pt           per rank: RNG states (torch, numpy, python, CUDA) as tensors
-        data/00000.json         per rank: the data stream state (loader.state_dict())
-    .tmp-step_00002000/         a save in progress (or one killed mid-way: removed at start-up)
-
-Everything is written into ``.tmp-step_N`` and rank 0 renames it to ``step_N`` once every rank
-has finished, so a directory named ``step_N`` is always complete. Loading reads tensors with
+The layout (``step_N`` directories, the ``COMPLETE.json`` marker, the temp directory renamed
+when every rank has finished) is ``checkpoint_layout.CheckpointDir``'s. Loading reads tensors with
 ``weights_only=True`` or through DCP, and JSON: nothing is unpickled.
 """
 from __future__ import annotations
@@ -18,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint_layout import CheckpointDir
 from .config import CheckpointConfig
 from .strategies import Strategy
 
 __all__ = ["CheckpointManager", "rng_state", "set_rng_state", "LoadedCheckpoint"]
 
 log = logging.getLogger(__name__)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def rng_state() -> dict:
@@ -66,37 +56,23 @@ def set_rng_state(state: dict) -> None:
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    meta: dict  # COMPLETE.json: step, world_size, trainer state
+    meta: dict  # the completion marker: step, world_size, trainer state
     method_state: dict
     data_states: list[dict]  # every saved rank's stream state
 
 
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, strategy: Strategy):
-        self.root = Path(run_dir) / "checkpoints"
+        self.dir = CheckpointDir.of_run(run_dir)
         self.cfg, self.strategy = cfg, strategy
         self.rank = strategy.rank
         self._pending: tuple | None = None  # (future, tmp dir, final dir, meta) of an async save
 
-    # -- discovery ----------------------------------------------------------------------
-    def complete(self) -> list[tuple[int, Path]]:
-        if not self.root.is_dir():
-            return []
-        found = []
-        for d in self.root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / "COMPLETE.json").is_file():
-                found.append((int(m.group(1)), d))
-        return sorted(found)
-
-    def latest(self) -> Path | None:
-        found = self.complete()
-        return found[-1][1] if found else None
-
+    # -- start-up -----------------------------------------------------------------------
     def clean_stale(self) -> None:
         """Remove temp dirs of saves that never finished (the process died mid-save)."""
-        if self.rank == 0 and self.root.is_dir():
-            for d in self.root.glob(".tmp-step_*"):
+        if self.rank == 0:
+            for d in self.dir.stale_temps():
                 log.warning("removing incomplete checkpoint %s", d)
                 shutil.rmtree(d, ignore_errors=True)
         self.strategy.barrier()
@@ -106,16 +82,16 @@ class CheckpointManager:
         """Save at ``step`` (collective); returns the seconds the caller was blocked."""
         t0 = time.perf_counter()
         self.wait()  # one save in flight at a time
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-step_{step:08d}"
-        for sub in ("rank", "data"):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), tmp / "rank" / f"{self.rank:05d}.pt")
-        (tmp / "data" / f"{self.rank:05d}.json").write_text(json.dumps(data_state))
+        final, tmp = self.dir.step_path(step), self.dir.temp_path(step)
+        rng_file, data_file = CheckpointDir.rng_file(tmp, self.rank), CheckpointDir.data_state_file(tmp, self.rank)
+        for f in (rng_file, data_file):
+            f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), rng_file)
+        data_file.write_text(json.dumps(data_state))
         meta = {"step": step, "world_size": self.strategy.world_size, "strategy": self.strategy.name,
                 "time": time.time(), **trainer_state}
         use_async = self.cfg.async_save if async_save is None else async_save
-        future = self.strategy.save_checkpoint(tmp / "state", method_state, async_save=use_async)
+        future = self.strategy.save_checkpoint(CheckpointDir.state_dir(tmp), method_state, async_save=use_async)
         if future is None:
             self.strategy.barrier()
             self._finalize(tmp, final, meta)
@@ -141,15 +117,12 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
         if self.rank != 0:
             return
-        (tmp / "COMPLETE.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # a re-save of the same step (resumed run): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        CheckpointDir.finalize(tmp, final, meta)
         self._prune()
         log.info("checkpoint %s complete", final)
 
     def _prune(self) -> None:
-        found = self.complete()
+        found = self.dir.complete_steps()
         keep = {s for s, _ in found[-self.cfg.keep_last:]}
         if self.cfg.keep_every:
             keep |= {s for s, _ in found if s % self.cfg.keep_every == 0}
@@ -158,13 +131,15 @@ class CheckpointManager:
                 shutil.rmtree(d, ignore_errors=True)
 
     # -- load ---------------------------------------------------------------------------
-    def load(self, path: Path, method_template: dict) -> LoadedCheckpoint:
-        meta = json.loads((path / "COMPLETE.json").read_text())
-        method_state = self.strategy.load_checkpoint(path / "state", method_template)
-        data_states = [json.loads(f.read_text()) for f in sorted((path / "data").glob("*.json"))]
+    def load(self, path: Path, method_state: dict) -> LoadedCheckpoint:
+        """Load ``path`` in place; ``method_state`` is the method's current state, the template
+        the saved one is loaded into (it may hold DTensors)."""
+        meta = CheckpointDir.read_meta(path)
+        method_state = self.strategy.load_checkpoint(CheckpointDir.state_dir(path), method_state)
+        data_states = [json.loads(f.read_text()) for f in CheckpointDir.data_state_files(path)]
         if len(data_states) != meta["world_size"]:
             raise RuntimeError(f"{path}: {len(data_states)} data stream states for world size {meta['world_size']}")
         if meta["world_size"] == self.strategy.world_size:
-            set_rng_state(torch.load(path / "rank" / f"{self.rank:05d}.pt", weights_only=True))
+            set_rng_state(torch.load(CheckpointDir.rng_file(path, self.rank), weights_only=True))
         # On another world size the per-rank RNG streams cannot continue; the trainer reseeds.
         return LoadedCheckpoint(path, meta, method_state, data_states)

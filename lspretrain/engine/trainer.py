@@ -77,7 +77,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.ckpt.clean_stale()
-        latest = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        latest = self.ckpt.dir.newest() if self.cfg.checkpoint.resume else None
         if latest is None:
             seed_everything(self.cfg.run.seed * 1000 + self.strategy.rank)
         else:
@@ -90,8 +90,8 @@ class Trainer:
                                        purge_step=self.step + 1 if self.step else None)
 
     def _resume(self, path: Path) -> None:
-        loaded = self.ckpt.load(path, self.method.extra_state_dict())
-        self.method.load_extra_state_dict(loaded.method_state)
+        loaded = self.ckpt.load(path, self.method.method_state())
+        self.method.load_method_state(loaded.method_state)
         self.step = loaded.meta["step"]
         self.guard.load_state_dict(loaded.meta)
         same_world = loaded.meta["world_size"] == self.strategy.world_size
@@ -255,7 +255,7 @@ class Trainer:
 
     def _save(self, blocking: bool = False) -> None:
         state = {"samples_seen": self.step * self.global_batch, **self.guard.state_dict()}
-        stall = self.ckpt.save(self.step, state, self.loader.state_dict(), self.method.extra_state_dict(),
+        stall = self.ckpt.save(self.step, state, self.loader.state_dict(), self.method.method_state(),
                                async_save=False if blocking else None)
         self.save_stalls.append(stall)
         self.window.exclude(stall)
@@ -263,7 +263,7 @@ class Trainer:
 
     def _result(self, status: str) -> TrainResult:
         self.ckpt.wait()
-        latest = self.ckpt.latest()
+        latest = self.ckpt.dir.newest()
         return TrainResult(status, self.step, str(latest) if latest else None, self.guard.total,
                            self.stop.signal_name if status == "preempted" else None)
 

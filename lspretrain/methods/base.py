@@ -103,12 +103,12 @@ class Method(nn.Module):
         return {}
 
     # -- checkpoint ---------------------------------------------------------------------
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+    def method_state(self) -> dict[str, torch.Tensor]:
         """State outside the module's parameters and buffers (tensors only); under fsdp2 it
         may hold DTensors, which the checkpoint reshards like the model."""
         return {}
 
-    def load_extra_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_method_state(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
     # -- data and accounting ------------------------------------------------------------

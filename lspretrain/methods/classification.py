@@ -241,10 +241,10 @@ class Classification(Method):
 def _read_head(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """``head.weight``/``head.bias`` (or ``ema.head.*``) of a DCP training checkpoint: a run
     directory (newest complete step), a ``step_N`` directory or its ``state/``."""
-    from ..convert.sources import is_dcp, newest_checkpoint
+    from ..convert.sources import is_dcp, strategy_dir
     from ..engine.safe_load import dcp_load, read_dcp_metadata
 
-    state = next((p for p in (path, path / "state") if is_dcp(p)), None) or newest_checkpoint(path) / "state"
+    state = strategy_dir(path)
     if not is_dcp(state):
         raise ValueError(f"method.init_head=true needs a DCP training checkpoint (fsdp2/ddp/single); {state} is not one")
     meta = read_dcp_metadata(state).state_dict_metadata  # refuses metadata that carries code

@@ -185,11 +185,11 @@ def init_backbone(model: VisionTransformer, path: str, fmt: str = "", which: str
 def _read_dcp_heads(path: Path, which: str | None, label: str) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..convert.sources import is_dcp, newest_checkpoint
+    from ..convert.sources import is_dcp, strategy_dir
     from ..engine.safe_load import UnsafeCheckpointError, dcp_load, read_dcp_metadata
 
     try:
-        state = next((p for p in (path, path / "state") if is_dcp(p)), None) or newest_checkpoint(path) / "state"
+        state = strategy_dir(path)
     except ConversionError as err:
         raise ValueError(f"{label}: {err}") from None
     if not is_dcp(state):

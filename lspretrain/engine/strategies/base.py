@@ -151,14 +151,14 @@ class Strategy:
         torch._foreach_lerp_(t, [x.to(y.dtype) for x, y in zip(s, t)], 1.0 - momentum)
 
     # -- checkpoint ---------------------------------------------------------------------
-    def _app_state(self, extra: dict) -> dict:
+    def _app_state(self, method_state: dict) -> dict:
         model, optim = get_state_dict(self.method, self.optimizer)
-        return {"model": model, "optim": optim, "method": extra}
+        return {"model": model, "optim": optim, "method": method_state}
 
-    def save_checkpoint(self, path: Path, extra: dict, async_save: bool = False):
+    def save_checkpoint(self, path: Path, method_state: dict, async_save: bool = False):
         """Write model, optimizer and method state under ``path`` (collective). Returns a
         future when ``async_save`` (the state is staged before this returns), else None."""
-        state = self._app_state(extra)
+        state = self._app_state(method_state)
         with warnings.catch_warnings():  # one process, no group: "assuming ... a single process" is right
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             if async_save:
@@ -166,11 +166,11 @@ class Strategy:
             dcp.save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
         return None
 
-    def load_checkpoint(self, path: Path, extra: dict) -> dict:
+    def load_checkpoint(self, path: Path, method_state: dict) -> dict:
         """Load in place (resharding to this world size as needed); returns the method state."""
         from ..safe_load import dcp_load
 
-        state = self._app_state(extra)
+        state = self._app_state(method_state)
         dcp_load(state, path, process_group=self._ckpt_group)  # refuses a checkpoint that carries code
         set_state_dict(self.method, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return state["method"]

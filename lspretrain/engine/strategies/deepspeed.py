@@ -88,20 +88,24 @@ class DeepSpeedStrategy(Strategy):
     def zero_grad(self) -> None:
         self.module.zero_grad()
 
-    def save_checkpoint(self, path: Path, extra: dict, async_save: bool = False):
+    def save_checkpoint(self, path: Path, method_state: dict, async_save: bool = False):
         self.module.save_checkpoint(str(path), tag=TAG, save_latest=False)
-        if extra:
-            torch.save(extra, Path(path) / f"method_rank{self.rank:05d}.pt")
+        if method_state:
+            torch.save(method_state, self._method_state_file(path))
         return None  # DeepSpeed has no asynchronous save here: always synchronous
 
-    def load_checkpoint(self, path: Path, extra: dict) -> dict:
+    def load_checkpoint(self, path: Path, method_state: dict) -> dict:
         with deepspeed_weights_only():  # DeepSpeed itself would unpickle anything
             loaded, _ = self.module.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {TAG!r} under {path}")
-        file = Path(path) / f"method_rank{self.rank:05d}.pt"
-        return torch.load(file, weights_only=True) if extra and file.exists() else extra
+        file = self._method_state_file(path)
+        return torch.load(file, weights_only=True) if method_state and file.exists() else method_state
+
+    def _method_state_file(self, path: Path) -> Path:
+        """This rank's method state: the engine's files hold only the model and optimizer."""
+        return Path(path) / f"method_rank{self.rank:05d}.pt"
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
