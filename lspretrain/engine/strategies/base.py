@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from ..config import StrategyConfig
 from ..dist import DistEnv
 from ..optim import OptimConfig, build_optimizer, param_groups
+from ..parallelize import parallelize
 
 __all__ = ["Strategy", "StepResult"]
 
@@ -62,11 +63,14 @@ class Strategy:
 
     # -- set-up -------------------------------------------------------------------------
     def setup(self, method: nn.Module, optim_cfg: OptimConfig, micro_batch: int) -> None:
-        """Distribute ``method`` and build the optimizer over its optimized parameters
-        (``micro_batch``: samples per rank per micro-step)."""
+        """Distribute ``method`` (activation checkpointing and compile, then this strategy's data
+        parallelism) and build the optimizer over its optimized parameters (``micro_batch``:
+        samples per rank per micro-step)."""
         self.method = method.to(self.device)
         self.accum_steps = optim_cfg.accum_steps
+        parallelize(method, self.cfg)
         self.module = self.wrap(method)
+        # Built after wrap: fully_shard replaces the parameters with the sharded ones it must hold.
         groups = param_groups(method.optimized_module(), optim_cfg, method.num_layers())
         self.optimizer = build_optimizer(groups, optim_cfg)
         if dist.is_initialized():
@@ -75,6 +79,7 @@ class Strategy:
             self._ckpt_group = dist.new_group(backend="gloo")
 
     def wrap(self, method: nn.Module) -> nn.Module:
+        """This strategy's data parallelism over ``method``; returns what forward is called on."""
         raise NotImplementedError
 
     # -- one step -----------------------------------------------------------------------

@@ -5,8 +5,8 @@ import contextlib
 from typing import Iterator
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from ..parallelize import parallelize
 from .base import Strategy
 
 
@@ -14,7 +14,8 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, method: nn.Module) -> nn.Module:
-        return parallelize(method, self.cfg, None)
+        device = next(method.parameters()).device
+        return DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
 
     @contextlib.contextmanager
     def micro_step(self, last: bool) -> Iterator[None]:

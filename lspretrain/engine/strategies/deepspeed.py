@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..optim import OptimConfig, build_optimizer, param_groups
+from ..optim import OptimConfig
 from ..safe_load import deepspeed_weights_only
 from .base import StepResult, Strategy
 
@@ -45,18 +45,14 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, method: nn.Module, optim_cfg: OptimConfig, micro_batch: int) -> None:
         import deepspeed
 
-        if self.cfg.activation_checkpointing != "none" or self.cfg.compile:
-            from ..parallelize import apply_activation_checkpointing, apply_compile
-
-            apply_activation_checkpointing(method, self.cfg.activation_checkpointing, self.cfg.ac_every)
-            if self.cfg.compile:
-                apply_compile(method)
-        self.method = method.to(self.device)
-        self.accum_steps = optim_cfg.accum_steps
-        optimizer = build_optimizer(param_groups(method.optimized_module(), optim_cfg, method.num_layers()), optim_cfg)
+        super().setup(method, optim_cfg, micro_batch)  # device, checkpointing, compile, our optimizer
+        # The engine is DeepSpeed's data parallelism; it takes the optimizer, hence made here, not in wrap.
         self.module, self.optimizer, _, _ = deepspeed.initialize(
-            model=method, optimizer=optimizer, config=self.ds_config(optim_cfg, micro_batch))
+            model=method, optimizer=self.optimizer, config=self.ds_config(optim_cfg, micro_batch))
         self._last = True
+
+    def wrap(self, method: nn.Module) -> nn.Module:
+        return method  # wrapped by the engine in setup, once the optimizer exists
 
     def prepare_batch(self, batch: dict) -> dict:
         batch = super().prepare_batch(batch)

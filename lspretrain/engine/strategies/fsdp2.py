@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..parallelize import parallelize
+from ..parallelize import sharded_blocks
 from .base import Strategy
 
 
@@ -26,7 +27,19 @@ class FSDP2Strategy(Strategy):
                                 mesh_dim_names=("replicate", "shard"))
 
     def wrap(self, method: nn.Module) -> nn.Module:
-        return parallelize(method, self.cfg, self.build_mesh())
+        """``fully_shard`` on each block, then on the root (the method, which gathers heads,
+        embeddings and final norms); the method stays what forward is called on."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = dict(mesh=self.build_mesh())
+        if self.cfg.precision == "bf16":
+            reduce_dtype = torch.float32 if self.cfg.fsdp.reduce_fp32 else torch.bfloat16
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
+        for blk in sharded_blocks(method):
+            fully_shard(blk, reshard_after_forward=self.cfg.fsdp.reshard_after_forward, **kwargs)
+        # The root keeps its parameters gathered after forward: backward needs them right away.
+        fully_shard(method, reshard_after_forward=False, **kwargs)
+        return method
 
     def autocast(self):
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts parameters and inputs

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..parallelize import parallelize
 from .base import Strategy
 
 
@@ -13,4 +12,4 @@ class SingleStrategy(Strategy):
     def wrap(self, method: nn.Module) -> nn.Module:
         if self.world_size > 1:
             raise ValueError(f"strategy.name=single runs one process, but the launcher started {self.world_size}")
-        return parallelize(method, self.cfg, None)
+        return method
