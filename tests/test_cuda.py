@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from data_fixtures import make_shards
+from test_specialize import outputs_and_grads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests: no CUDA device here")
 
@@ -312,16 +313,7 @@ def test_compiled_routed_block_matches_eager_without_graph_breaks(spec):
     explained = torch._dynamo.explain(blk)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch._dynamo.reset()
-    compiled = torch.compile(blk)
-
-    def run(fn):
-        blk.zero_grad(set_to_none=True)
-        x.grad = None
-        out = fn(x)
-        out.square().mean().backward()
-        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in blk.named_parameters()}
-
-    (y0, dx0, g0), (y1, dx1, g1) = run(blk), run(compiled)
+    (y0, dx0, g0), (y1, dx1, g1) = (outputs_and_grads(blk, fn, x) for fn in (blk, torch.compile(blk)))
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dx1, dx0, rtol=1e-4, atol=1e-5)
     assert any(n.rsplit(".", 1)[-1].startswith("cls_") for n in g0)

@@ -45,6 +45,16 @@ def randomize_cls_params(model, seed=1):
     return model
 
 
+def outputs_and_grads(module, fn, x):
+    """``fn(x)`` (``module`` or a compiled form of it), then the gradients of mean(out²) with
+    respect to ``x`` and to each of ``module``'s parameters."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    out = fn(x)
+    out.square().mean().backward()
+    return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
 def all_outputs(model, x):
     return model.forward_features(x)
 
@@ -254,14 +264,7 @@ def test_traced_routed_forms_match_the_eager_function(preset):
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     torch._dynamo.reset()
 
-    def run(fn):
-        blk.zero_grad(set_to_none=True)
-        x.grad = None
-        out = fn(x)
-        out.square().mean().backward()
-        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in blk.named_parameters()}
-
-    (y0, dx0, g0), (y1, dx1, g1) = run(blk), run(torch.compile(blk, backend="aot_eager"))
+    (y0, dx0, g0), (y1, dx1, g1) = (outputs_and_grads(blk, fn, x) for fn in (blk, torch.compile(blk, backend="aot_eager")))
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-7)
     assert any(is_cls_param(n) for n in g0)

@@ -52,10 +52,11 @@ def is_deepspeed(path: Path) -> bool:
 def newest_checkpoint(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run (``engine.checkpoint_layout``); saves in
     progress are never picked."""
-    newest = CheckpointDir.of_run(run_dir).newest()
+    checkpoints = CheckpointDir.of_run(run_dir)
+    newest = checkpoints.newest()
     if newest is None:
         raise ConversionError(f"{run_dir}: not a checkpoint, and no complete checkpoint under "
-                              f"{CheckpointDir.of_run(run_dir).root} (step_N/COMPLETE.json)")
+                              f"{checkpoints.root} (step_N/COMPLETE.json)")
     return newest
 
 

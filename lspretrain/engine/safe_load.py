@@ -28,7 +28,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-__all__ = ["SafeFileSystemReader", "UnsafeCheckpointError", "dcp_load", "deepspeed_weights_only", "read_dcp_metadata"]
+__all__ = ["SafeFileSystemReader", "UnsafeCheckpointError", "dcp_load", "deepspeed_weights_only", "read_dcp_metadata",
+           "single_process_dcp_quiet"]
 
 
 class _WeightsOnlyTorch:
@@ -157,6 +158,15 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     return SafeFileSystemReader(str(path)).read_metadata()
 
 
+@contextlib.contextmanager
+def single_process_dcp_quiet() -> Iterator[None]:
+    """DCP save/load without torch's "torch.distributed is disabled ... assuming ... a single
+    process" warning: one process with no group is exactly what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def dcp_load(state: dict, path: str | Path, process_group=None, no_dist: bool = False) -> None:
     """``dcp.load(state, ...)`` from the directory ``path`` through ``SafeFileSystemReader``."""
     import torch.distributed.checkpoint as dcp
@@ -166,8 +176,7 @@ def dcp_load(state: dict, path: str | Path, process_group=None, no_dist: bool = 
     # as a per-rank file and re-raised wrapped in the collective's error report.
     reader.read_metadata()
     try:
-        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process" is right
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp_quiet():
             dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
     except CheckpointException as err:  # a refused value: raise the refusal, not DCP's per-rank report
         refusal = next((exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeCheckpointError)), None)

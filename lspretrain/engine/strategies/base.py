@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +20,7 @@ from ..config import StrategyConfig
 from ..dist import DistEnv
 from ..optim import OptimConfig, build_optimizer, param_groups
 from ..parallelize import parallelize
+from ..safe_load import dcp_load, single_process_dcp_quiet
 
 __all__ = ["Strategy", "StepResult"]
 
@@ -164,8 +164,7 @@ class Strategy:
         """Write model, optimizer and method state under ``path`` (collective). Returns a
         future when ``async_save`` (the state is staged before this returns), else None."""
         state = self._app_state(method_state)
-        with warnings.catch_warnings():  # one process, no group: "assuming ... a single process" is right
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with single_process_dcp_quiet():
             if async_save:
                 return dcp.async_save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
             dcp.save(state, checkpoint_id=str(path), process_group=self._ckpt_group)
@@ -173,8 +172,6 @@ class Strategy:
 
     def load_checkpoint(self, path: Path, method_state: dict) -> dict:
         """Load in place (resharding to this world size as needed); returns the method state."""
-        from ..safe_load import dcp_load
-
         state = self._app_state(method_state)
         dcp_load(state, path, process_group=self._ckpt_group)  # refuses a checkpoint that carries code
         set_state_dict(self.method, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
